@@ -1,0 +1,148 @@
+"""A decoder-only Transformer (pre-LN, causal) with a pluggable embedding module.
+
+Parameters and activations carry logical axis names ('batch', 'length', 'embed', 'heads', 'kv', 'mlp',
+'vocab') that the training core maps to mesh axes. Packed inputs: `segment_ids` (B, L) keep tokens from
+attending across document boundaries (0 marks padding), and RoPE positions restart in each segment.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxemb.nn.positions import T5RelativeBias, apply_rope, segment_positions
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+    vocab_size: int = 256
+    d_model: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    head_dim: int = 32
+    mlp_dim: int = 512
+    position: str = "rope"  # 'rope' | 't5' | 'none'
+    rel_buckets: int = 32
+    rel_max_distance: int = 128
+    remat: bool = False
+    dtype: str = "float32"  # activation dtype inside the blocks
+
+    def __post_init__(self):
+        if self.position not in ("rope", "t5", "none"):
+            raise ValueError(f"position={self.position!r}; expected 'rope', 't5' or 'none'")
+
+
+class DenseGeneral(nn.Module):
+    """x (..., *in_dims) -> (..., *features) with a kernel of shape (*in_dims, *features) named `axes`."""
+    features: tuple
+    axes: tuple
+    in_dims: int = 1
+
+    @nn.compact
+    def __call__(self, x):
+        features = self.features if isinstance(self.features, tuple) else (self.features,)
+        in_shape = x.shape[-self.in_dims:]
+        init = nn.initializers.variance_scaling(
+            1.0, "fan_in", "truncated_normal", in_axis=tuple(range(self.in_dims)),
+            out_axis=tuple(range(self.in_dims, self.in_dims + len(features))))
+        kernel = self.param("kernel", nn.with_logical_partitioning(init, self.axes), in_shape + features)
+        return jax.lax.dot_general(x, kernel.astype(x.dtype),
+                                   ((tuple(range(x.ndim - self.in_dims, x.ndim)), tuple(range(self.in_dims))),
+                                    ((), ())))
+
+
+def _dense(features, axes, in_axis_count=1, name=None):
+    return DenseGeneral(features if isinstance(features, tuple) else (features,), axes, in_axis_count,
+                        name=name)
+
+
+def _constrain(x, axes):
+    return nn.with_logical_constraint(x, axes)
+
+
+class Attention(nn.Module):
+    cfg: TransformerConfig
+
+    @nn.compact
+    def __call__(self, x, mask, positions, bias):
+        c = self.cfg
+        q = _dense((c.num_heads, c.head_dim), ("embed", "heads", "kv"), name="query")(x)
+        k = _dense((c.num_heads, c.head_dim), ("embed", "heads", "kv"), name="key")(x)
+        v = _dense((c.num_heads, c.head_dim), ("embed", "heads", "kv"), name="value")(x)
+        if c.position == "rope":
+            q, k = apply_rope(q, positions), apply_rope(k, positions)
+        q = _constrain(q, ("batch", "length", "heads", "kv"))
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * c.head_dim ** -0.5
+        if bias is not None:
+            scores = scores + bias
+        scores = jnp.where(mask, scores, -1e30)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+        out = _constrain(out, ("batch", "length", "heads", "kv"))
+        return _dense(c.d_model, ("heads", "kv", "embed"), in_axis_count=2, name="out")(out)
+
+
+class Mlp(nn.Module):
+    cfg: TransformerConfig
+
+    @nn.compact
+    def __call__(self, x):
+        h = _dense(self.cfg.mlp_dim, ("embed", "mlp"), name="wi")(x)
+        h = _constrain(nn.gelu(h), ("batch", "length", "mlp"))
+        return _dense(self.cfg.d_model, ("mlp", "embed"), name="wo")(h)
+
+
+def _norm(name):
+    return nn.LayerNorm(name=name, dtype=jnp.float32,
+                        scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+                        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))
+
+
+class Block(nn.Module):
+    """Pre-LN block. Returns (x, out) with named intermediates for probes."""
+    cfg: TransformerConfig
+
+    @nn.compact
+    def __call__(self, x, mask, positions, bias):
+        dtype = jnp.dtype(self.cfg.dtype)
+        h = _norm("ln_attn")(x).astype(dtype)
+        x = x + Attention(self.cfg, name="attn")(h, mask, positions, bias)
+        h = _norm("ln_mlp")(x).astype(dtype)
+        x = x + Mlp(self.cfg, name="mlp")(h)
+        x = _constrain(x, ("batch", "length", "act_embed"))
+        return x, {"resid": x}
+
+
+class Transformer(nn.Module):
+    """Decoder-only LM. `embed` is any module with encode(tokens) and logits(h, ctx).
+
+    __call__(tokens (B, L) int, segment_ids (B, L) int or None, **embed_kwargs)
+      -> (logits (B, L, V) float32, hidden: dict with 'final' (B, L, d) and 'layers' (list of (B, L, d)))
+    """
+    cfg: TransformerConfig
+    embed: nn.Module
+
+    @nn.compact
+    def __call__(self, tokens, segment_ids=None, **embed_kwargs):
+        c = self.cfg
+        if segment_ids is None:
+            segment_ids = jnp.ones_like(tokens)
+        length = tokens.shape[1]
+        x, ctx = self.embed.encode(tokens, **embed_kwargs)
+        x = _constrain(x.astype(jnp.dtype(c.dtype)), ("batch", "length", "act_embed"))
+        causal = jnp.tril(jnp.ones((length, length), bool))
+        same = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] > 0)
+        mask = (causal[None] & same)[:, None]  # (B, 1, L, L)
+        positions = segment_positions(segment_ids)
+        bias = T5RelativeBias(c.num_heads, c.rel_buckets, c.rel_max_distance, name="rel_bias")(length) \
+            if c.position == "t5" else None
+        block = nn.remat(Block) if c.remat else Block
+        layers = []
+        for i in range(c.num_layers):
+            x, _ = block(c, name=f"block_{i}")(x, mask, positions, bias)
+            layers.append(x)
+        h = _norm("ln_final")(x).astype(jnp.dtype(c.dtype))
+        logits = self.embed.logits(h, ctx)
+        return logits, {"final": h, "layers": layers}

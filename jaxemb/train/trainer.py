@@ -1,0 +1,300 @@
+"""The one training core: sharded init, jit-compiled train step, evaluation, checkpoints and resume.
+
+Every system in jaxemb trains through `Trainer`. The train step is `jax.jit` with in/out shardings over a
+named Mesh and donation of the train state (the modern form of pjit). Parameters carry flax logical axis
+names that the config's rules map to mesh axes; optimizer state follows its parameters' sharding.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jaxemb.train import distributed
+from jaxemb.train.checkpoint import Checkpointer, abstract_like
+from jaxemb.train.mesh import BATCH_AXES, batch_sharding, data_parallel_size, make_mesh, replicated, \
+    rules_from_config
+from jaxemb.train.metrics import MetricsWriter, Progress
+from jaxemb.train.optim import make_optimizer
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+class NonFiniteLoss(FloatingPointError):
+    pass
+
+
+def _path_key(path) -> tuple:
+    return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def _follow_params(opt_abstract, param_shardings, params_abstract, mesh):
+    """Shardings for optimizer state: a leaf whose path ends with a parameter's path and has that
+    parameter's shape gets its sharding (Adam moments); anything else (counts, factored Adafactor
+    statistics) is replicated."""
+    by_path = {}
+    for (path, s), a in zip(jax.tree_util.tree_flatten_with_path(param_shardings)[0],
+                            jax.tree.leaves(params_abstract)):
+        by_path[_path_key(path)] = (s, a.shape)
+
+    def pick(path, leaf):
+        key = _path_key(path)
+        for k in range(len(key)):
+            hit = by_path.get(key[k:])
+            if hit is not None and hit[1] == leaf.shape:
+                return hit[0]
+        return replicated(mesh)
+
+    return jax.tree_util.tree_map_with_path(pick, opt_abstract)
+
+
+def _strip_boxes(tree):
+    """Removes flax partitioning boxes without adding sharding constraints (works on abstract values)."""
+    return jax.tree.map(lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.meta.AxisMetadata) else x,
+                        tree, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+
+
+def _cast_floats(tree, dtype):
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+class Trainer:
+    """Trains `task` as `cfg` says. cfg sections: seed, mesh, rules, train, optim, distributed."""
+
+    def __init__(self, task, cfg, workdir: str):
+        distributed.maybe_initialize(cfg.distributed)
+        self.task, self.cfg, self.workdir = task, cfg, workdir
+        self.mesh = make_mesh(dict(cfg.mesh.shape), cfg.mesh.num_devices)
+        self.rules = rules_from_config(cfg.rules)
+        t = cfg.train
+        if t.batch_size % t.accum_steps:
+            raise ValueError(f"train.batch_size={t.batch_size} is not divisible by train.accum_steps="
+                             f"{t.accum_steps}")
+        dp = data_parallel_size(self.mesh)
+        if (t.batch_size // t.accum_steps) % dp:
+            raise ValueError(
+                f"train.batch_size={t.batch_size} (micro-batch {t.batch_size // t.accum_steps} with "
+                f"accum_steps={t.accum_steps}) is not divisible by the data-parallel size {dp} "
+                f"(mesh data x fsdp = {self.mesh.shape['data']} x {self.mesh.shape['fsdp']})")
+        if t.compute_dtype not in _DTYPES:
+            raise ValueError(f"train.compute_dtype={t.compute_dtype!r}; expected one of {sorted(_DTYPES)}")
+        self.tx, self.schedule = make_optimizer(cfg.optim, t.steps)
+        frozen = getattr(task, "frozen", None)
+        if frozen is not None:
+            self.tx = optax.multi_transform(
+                {"train": self.tx, "frozen": optax.set_to_zero()},
+                lambda params: jax.tree_util.tree_map_with_path(
+                    lambda p, _: "frozen" if frozen(_path_key(p)) else "train", params))
+        self.is_main = jax.process_index() == 0
+        self._train_step = self._eval_step = None
+        self.state_shardings = None
+
+    # -- contexts and placement ------------------------------------------------------------------------
+
+    def context(self):
+        """Mesh + logical-axis rules, active while tracing and running model code."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(jax.set_mesh(self.mesh))
+        stack.enter_context(nn.logical_axis_rules(self.rules))
+        return stack
+
+    def batch_shardings(self, batch: dict) -> dict:
+        return {k: batch_sharding(self.mesh, np.ndim(v)) for k, v in batch.items()}
+
+    def put_batch(self, source, index: int) -> dict:
+        """Batch `index` of `source` as global arrays; each process reads only its own rows."""
+        probe = batch_sharding(self.mesh)
+        rows = distributed.local_rows(probe, source.batch_size)
+        local = source.get(index, rows)
+        return distributed.make_global(local, self.batch_shardings(local), source.batch_size)
+
+    # -- state -----------------------------------------------------------------------------------------
+
+    def init_state(self, example_batch: dict):
+        """Creates the sharded train state {'step', 'params', 'opt_state', 'rng'} from the seed."""
+        root = jax.random.key(self.cfg.seed)
+        init_rng, train_rng = jax.random.split(root)
+        with self.context():
+            boxed = jax.eval_shape(self.task.init, init_rng, example_batch)
+            specs = nn.get_partition_spec(boxed)
+            param_sh = nn.logical_to_mesh_sharding(specs, self.mesh, self.rules)
+            params_abs = _strip_boxes(boxed)
+            opt_abs = jax.eval_shape(self.tx.init, params_abs)
+            opt_sh = _follow_params(opt_abs, param_sh, params_abs, self.mesh)
+            rep = replicated(self.mesh)
+            self.state_shardings = {"step": rep, "params": param_sh, "opt_state": opt_sh, "rng": rep}
+
+            def init_fn(rng, batch):
+                params = nn.unbox(self.task.init(rng, batch))
+                return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": self.tx.init(params),
+                        "rng": jax.random.key_data(train_rng)}
+
+            batch_sh = {k: replicated(self.mesh) for k in example_batch}
+            state = jax.jit(init_fn, in_shardings=(rep, batch_sh), out_shardings=self.state_shardings)(
+                init_rng, example_batch)
+        return state
+
+    # -- steps -----------------------------------------------------------------------------------------
+
+    def _loss_fn(self, params, batch, rng):
+        dtype = _DTYPES[self.cfg.train.compute_dtype]
+        if dtype != jnp.float32:
+            params = _cast_floats(params, dtype)  # fp32 master params; gradients come back in fp32
+        loss, metrics = self.task.loss(params, batch, rng)
+        return loss.astype(jnp.float32), metrics
+
+    def _step_fn(self, state, batch):
+        accum = self.cfg.train.accum_steps
+        rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+        params = state["params"]
+        grad_fn = jax.value_and_grad(self._loss_fn, has_aux=True)
+        if accum == 1:
+            (loss, metrics), grads = grad_fn(params, batch, rng)
+        else:
+            # Row r of micro-batch i is global row r * accum + i: every device keeps its share.
+            def split(x):
+                x = x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1)
+                spec = P(None, BATCH_AXES, *([None] * (x.ndim - 2)))
+                return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
+
+            micro = jax.tree.map(split, batch)
+
+            def body(carry, inp):
+                i, mb = inp
+                (l, m), g = grad_fn(params, mb, jax.random.fold_in(rng, i))
+                return jax.tree.map(jnp.add, carry, (g, l, m)), None
+
+            zeros = jax.eval_shape(lambda: grad_fn(params, jax.tree.map(lambda x: x[0], micro), rng))
+            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), ((zeros[1], zeros[0][0], zeros[0][1])))
+            (grads, loss, metrics), _ = jax.lax.scan(body, zeros, (jnp.arange(accum), micro))
+            grads, loss, metrics = jax.tree.map(lambda x: x / accum, (grads, loss, metrics))
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = self.tx.update(grads, state["opt_state"], params)
+        new_params = optax.apply_updates(params, updates)
+        # A non-finite loss or gradient leaves the state as it was; the host loop stops and reports it.
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+        new_state = {"step": state["step"] + 1, "params": keep(new_params, params),
+                     "opt_state": keep(opt_state, state["opt_state"]), "rng": state["rng"]}
+        metrics = dict(metrics, loss=loss, grad_norm=grad_norm, lr=self.schedule(state["step"]))
+        return new_state, metrics
+
+    def train_step(self, state, batch):
+        """One optimizer step (with gradient accumulation); compiled once per batch structure."""
+        if self._train_step is None:
+            self._train_step = jax.jit(
+                self._step_fn, in_shardings=(self.state_shardings, self.batch_shardings(batch)),
+                out_shardings=(self.state_shardings, replicated(self.mesh)), donate_argnums=(0,))
+        with self.context():
+            return self._train_step(state, batch)
+
+    def eval_step(self, params, batch, rng):
+        if self._eval_step is None:
+            fn = getattr(self.task, "eval_step", None)
+            if fn is None:
+                def fn(p, b, r):
+                    loss, metrics = self._loss_fn(p, b, r)
+                    return dict(metrics, loss=loss)
+            self._eval_step = jax.jit(fn, in_shardings=(self.state_shardings["params"],
+                                                        self.batch_shardings(batch), replicated(self.mesh)),
+                                      out_shardings=replicated(self.mesh))
+        with self.context():
+            return self._eval_step(params, batch, rng)
+
+    def evaluate(self, params, source, num_batches: int) -> dict:
+        """Mean of the task's eval metrics over the first `num_batches` batches of `source`."""
+        rng = jax.random.key(self.cfg.seed + 1)  # the same eval randomness every time
+        totals = None
+        for i in range(num_batches):
+            m = self.eval_step(params, self.put_batch(source, i), jax.random.fold_in(rng, i))
+            m = jax.device_get(m)
+            totals = m if totals is None else {k: totals[k] + m[k] for k in m}
+        return {k: float(v) / num_batches for k, v in (totals or {}).items()}
+
+    def map_batches(self, fn, params, source, num_batches: int, seed: int = 1) -> list:
+        """Runs jit(fn)(params, batch, rng) over batches 0..num_batches-1 of `source` with the trainer's
+        shardings; returns the host (numpy) outputs, one per batch. For probes and per-position metrics."""
+        jitted = jax.jit(fn)
+        rng = jax.random.key(self.cfg.seed + seed)
+        outs = []
+        with self.context():
+            for i in range(num_batches):
+                outs.append(jax.device_get(jitted(params, self.put_batch(source, i), jax.random.fold_in(rng, i))))
+        return outs
+
+    # -- the loop --------------------------------------------------------------------------------------
+
+    def fit(self, source, eval_source=None, desc: str = "train"):
+        """Trains to cfg.train.steps, resuming from the latest checkpoint in workdir/checkpoints.
+
+        Returns the final state. Raises NonFiniteLoss naming the step if the loss becomes NaN/inf; the
+        last good checkpoint stays on disk.
+        """
+        t = self.cfg.train
+        if source.batch_size != t.batch_size:
+            raise ValueError(f"data source batch size {source.batch_size} != train.batch_size {t.batch_size}")
+        ckpt = Checkpointer(os.path.join(self.workdir, "checkpoints"), keep=t.keep_checkpoints,
+                            every=t.checkpoint_every, async_save=t.async_checkpoints)
+        first = self.put_batch(source, 0)
+        state = self.init_state(first)
+        start, position = 0, 0
+        if ckpt.latest_step() is not None:
+            state, meta = ckpt.restore(abstract_like(state, self.state_shardings))
+            start, position = int(meta["step"]), int(meta["data_position"])
+            if self.is_main:
+                print(f"resumed from step {start} in {ckpt.directory}", flush=True)
+        writer = MetricsWriter(os.path.join(self.workdir, "metrics.jsonl"), resume_step=start,
+                               enabled=self.is_main)
+        tokens = t.batch_size * getattr(self.task, "tokens_per_example", 1)
+        bar = Progress(t.steps, start, tokens, desc, enabled=self.is_main and t.progress)
+        pending = None  # metrics of the previous step, read one step late so the host never stalls the device
+
+        def settle(item):
+            step, metrics = item
+            metrics = jax.device_get(metrics)
+            loss = float(metrics["loss"])
+            if not np.isfinite(loss) or not np.isfinite(float(metrics["grad_norm"])):
+                last = ckpt.latest_step()
+                where = f"the last good checkpoint is step {last} in {ckpt.directory}" if last is not None \
+                    else "no checkpoint was written yet"
+                raise NonFiniteLoss(f"non-finite loss ({loss}) or gradient norm at step {step}; "
+                                    f"training stopped and {where}")
+            rate = bar.update(step, loss)
+            if step % t.log_every == 0 or step == t.steps:
+                writer.write(step, "train", dict(metrics, tokens_per_s=rate))
+
+        try:
+            started = time.perf_counter()
+            for step in range(start + 1, t.steps + 1):
+                batch = first if position == 0 else self.put_batch(source, position)
+                state, metrics = self.train_step(state, batch)
+                position += 1
+                if pending is not None:
+                    settle(pending)
+                pending = (step, metrics)
+                do_ckpt = ckpt.every and step % ckpt.every == 0 or step == t.steps
+                do_eval = eval_source is not None and t.eval_every and (step % t.eval_every == 0
+                                                                       or step == t.steps)
+                if do_ckpt or do_eval:
+                    settle(pending)
+                    pending = None
+                if do_ckpt:
+                    ckpt.save(step, state, {"step": step, "data_position": position}, force=True)
+                if do_eval:
+                    ev = self.evaluate(state["params"], eval_source, t.eval_batches)
+                    writer.write(step, "eval", ev)
+            if pending is not None:
+                settle(pending)
+            self.train_seconds = time.perf_counter() - started
+        finally:
+            bar.close()
+            writer.close()
+            ckpt.close()
+        return state

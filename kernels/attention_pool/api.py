@@ -1,0 +1,230 @@
+"""Public attention-pooling function: validation, query folding and dispatch."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kernels.attention_pool import reference, vjp
+
+IMPLEMENTATIONS = ("auto", "xla", "pallas_tpu", "pallas_gpu")
+KERNEL_DTYPES = (jnp.float32, jnp.bfloat16)
+_TPU_VMEM_STATE = 16 * 1024 * 1024  # bytes of (S, H, D) f32 state the TPU kernel may hold
+
+
+def attention_pool(x, queries, *, lengths=None, segment_ids=None, num_segments=None,
+                   key_weight=None, value_weight=None, value_bias=None,
+                   temperature=1.0, implementation="auto", interpret=False,
+                   block_l=None, backward="kernel"):
+  """Softmax attention pooling of a (padded or packed) sequence by H queries.
+
+  ``scores[h, l] = x[l] . q[h] / temperature`` over the valid positions,
+  ``out[h] = sum_l softmax_l(scores[h]) x[l]``, then the optional value projection
+  ``out[h] @ value_weight[:, h] + value_bias[h]``. Accumulation is float32.
+  Rows with no valid position return zeros (never NaN).
+
+  Args:
+    x: (B, L, D) float32 or bfloat16 (float16/float64 on the XLA path).
+    queries: (H, D) folded queries; or (H, K) when ``key_weight`` is given.
+    lengths: optional (B,) int, valid prefix length per row (0..L). Output (B, H, Dv).
+    segment_ids: optional (B, L) int for packed rows: ids non-decreasing along L, so
+      each segment is one contiguous run; negative ids mark trailing padding.
+      Every segment is pooled separately. Output (B, S, H, Dv).
+    num_segments: S, static. Defaults to max(segment_ids) + 1 when the ids are
+      concrete; required under jit.
+    key_weight: optional (D, H, K) key projection folded into the queries,
+      ``q[h] = key_weight[:, h] @ queries[h]`` (a key bias cancels in the softmax).
+    value_weight, value_bias: optional (D, H, Dv) and (H, Dv) value projection,
+      applied after pooling (exact, since the weights sum to 1).
+    temperature: positive scalar (python number or array, differentiable).
+    implementation: "auto" (Pallas on TPU/GPU, XLA elsewhere), "xla",
+      "pallas_tpu" or "pallas_gpu".
+    interpret: run the Pallas kernel in interpret mode (CPU testing).
+    block_l: rows of x per kernel step; default picked per shape and backend.
+    backward: "kernel" (Pallas backward) or "xla" (autodiff of the reference).
+
+  Returns:
+    (B, H, Dv) without segment_ids, (B, S, H, Dv) with them; dtype of x.
+    Dv = D, or value_weight.shape[-1].
+
+  Checks: shapes and dtypes are checked eagerly, always. Values (lengths in
+  [0, L], sorted segment ids, ids < num_segments, temperature > 0) are checked when
+  they are concrete; under jit they cannot be, and then lengths are clipped to
+  [0, L], ids >= num_segments are ignored and unsorted ids give unspecified
+  results.
+  """
+  impl = _resolve(implementation, x, queries, num_segments, segment_ids)
+  q = _fold_queries(x, queries, key_weight, temperature)
+  B, L, D = x.shape
+  if segment_ids is not None:
+    if lengths is not None:
+      raise ValueError("pass either lengths or segment_ids, not both")
+    num_segments = _check_segments(segment_ids, num_segments, B, L)
+    starts, ends = reference.ranges_from_segments(segment_ids, num_segments)
+  else:
+    if lengths is None:
+      lengths = jnp.full((B,), L, jnp.int32)
+    _check_lengths(lengths, B, L)
+    starts, ends = reference.ranges_from_lengths(lengths, L)
+
+  pool = _pool_fn(impl, interpret, block_l, backward)
+  out = pool(x, q, starts, ends)                                 # (B, S, H, D) f32
+  if value_weight is not None:
+    out = _project(out, value_weight, value_bias, ends > starts, q.shape[0], D)
+  out = out.astype(x.dtype)
+  return out if segment_ids is not None else out[:, 0]
+
+
+def _pool_fn(impl, interpret, block_l, backward):
+  if impl == "xla":
+    return lambda x, q, s, e: reference.pool_ranges(x, q, s, e)[0]
+  if impl == "pallas_tpu":
+    from kernels.attention_pool import pallas_tpu as mod
+  else:
+    from kernels.attention_pool import pallas_gpu as mod
+  if not isinstance(interpret, bool):  # InterpretParams objects are not hashable
+    return _pool_uncached(mod, interpret, block_l, backward)
+  fwd = functools.partial(mod.forward, block_l=block_l, interpret=interpret)
+  if backward == "kernel":
+    bwd = functools.partial(mod.backward, block_l=block_l, interpret=interpret)
+  elif backward == "xla":
+    bwd = vjp.reference_backward
+  else:
+    raise ValueError(f"backward must be 'kernel' or 'xla', got {backward!r}")
+  return vjp.make_pool(fwd, bwd)
+
+
+def _pool_uncached(mod, interpret, block_l, backward):
+  fwd = functools.partial(mod.forward, block_l=block_l, interpret=interpret)
+  bwd = (functools.partial(mod.backward, block_l=block_l, interpret=interpret)
+         if backward == "kernel" else vjp.reference_backward)
+  return vjp.make_pool.__wrapped__(fwd, bwd)
+
+
+def _resolve(implementation, x, queries, num_segments, segment_ids):
+  """Shape/dtype checks on x and queries; returns the concrete implementation."""
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, "
+                     f"got {implementation!r}")
+  if getattr(x, "ndim", None) != 3:
+    raise ValueError(f"x must have shape (B, L, D), got {getattr(x, 'shape', x)}")
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise TypeError(f"x must be a float array (float32 or bfloat16), got {x.dtype}")
+  if getattr(queries, "ndim", None) != 2:
+    raise ValueError(f"queries must have shape (H, D) or (H, K), "
+                     f"got {getattr(queries, 'shape', queries)}")
+  if not jnp.issubdtype(queries.dtype, jnp.floating):
+    raise TypeError(f"queries must be a float array, got {queries.dtype}")
+  if implementation == "auto":
+    backend = jax.default_backend()
+    implementation = {"tpu": "pallas_tpu", "gpu": "pallas_gpu",
+                      "cuda": "pallas_gpu"}.get(backend, "xla")
+    if implementation != "xla" and (x.dtype not in KERNEL_DTYPES or
+                                    _tpu_state_too_big(implementation, x, queries,
+                                                       num_segments, segment_ids)):
+      implementation = "xla"
+  if implementation != "xla":
+    if x.dtype not in KERNEL_DTYPES:
+      raise TypeError(f"{implementation} supports x of dtype float32 or bfloat16, "
+                      f"got {x.dtype}; use implementation='xla'")
+    if _tpu_state_too_big(implementation, x, queries, num_segments, segment_ids):
+      raise ValueError("pallas_tpu keeps (S, H, D) float32 accumulators in VMEM; "
+                       "S * H * D is too large, use implementation='xla'")
+  return implementation
+
+
+def _tpu_state_too_big(impl, x, queries, num_segments, segment_ids):
+  if impl != "pallas_tpu":
+    return False
+  s = num_segments or (1 if segment_ids is None else x.shape[1])
+  return 4 * s * queries.shape[0] * x.shape[2] * 4 > _TPU_VMEM_STATE
+
+
+def _fold_queries(x, queries, key_weight, temperature):
+  """(H, D) float32 queries with the key projection and temperature folded in."""
+  D = x.shape[2]
+  q = queries.astype(jnp.float32)
+  if key_weight is not None:
+    H, K = queries.shape
+    if key_weight.shape != (D, H, K):
+      raise ValueError(f"key_weight must have shape (D, H, K) = {(D, H, K)} for x "
+                       f"{x.shape} and queries {queries.shape}, got {key_weight.shape}")
+    q = jnp.einsum("dhk,hk->hd", key_weight.astype(jnp.float32), q,
+                   precision=jax.lax.Precision.HIGHEST)
+  elif queries.shape[1] != D:
+    raise ValueError(f"queries must have shape (H, D) with D = {D} (last dim of x "
+                     f"{x.shape}), got {queries.shape}")
+  t = jnp.asarray(temperature)
+  if t.ndim != 0:
+    raise ValueError(f"temperature must be a scalar, got shape {t.shape}")
+  if _concrete(t) and not float(t) > 0:
+    raise ValueError(f"temperature must be > 0, got {float(t)}")
+  return q / t.astype(jnp.float32)
+
+
+def _project(out, value_weight, value_bias, nonempty, H, D):
+  if value_weight.ndim != 3 or value_weight.shape[:2] != (D, H):
+    raise ValueError(f"value_weight must have shape (D, H, Dv) with D={D}, H={H}, "
+                     f"got {value_weight.shape}")
+  out = jnp.einsum("bshd,dhk->bshk", out, value_weight.astype(jnp.float32),
+                   precision=jax.lax.Precision.HIGHEST)
+  if value_bias is not None:
+    if value_bias.shape != value_weight.shape[1:]:
+      raise ValueError(f"value_bias must have shape (H, Dv) = {value_weight.shape[1:]}"
+                       f", got {value_bias.shape}")
+    out = out + value_bias.astype(jnp.float32)
+  return jnp.where(nonempty[:, :, None, None], out, 0.0)
+
+
+def _concrete(a):
+  return not isinstance(a, jax.core.Tracer)
+
+
+def _check_lengths(lengths, B, L):
+  if getattr(lengths, "shape", None) != (B,):
+    raise ValueError(f"lengths must have shape (B,) = ({B},), "
+                     f"got {getattr(lengths, 'shape', lengths)}")
+  if not jnp.issubdtype(lengths.dtype, jnp.integer):
+    raise TypeError(f"lengths must be an integer array, got {lengths.dtype}")
+  if _concrete(lengths):
+    v = np.asarray(lengths)
+    bad = np.flatnonzero((v < 0) | (v > L))
+    if bad.size:
+      i = int(bad[0])
+      raise ValueError(f"lengths must be in [0, L={L}], got lengths[{i}] = {v[i]}")
+
+
+def _check_segments(segment_ids, num_segments, B, L):
+  """Checks segment ids; returns num_segments (inferred when None and concrete)."""
+  if getattr(segment_ids, "shape", None) != (B, L):
+    raise ValueError(f"segment_ids must have shape (B, L) = ({B}, {L}), "
+                     f"got {getattr(segment_ids, 'shape', segment_ids)}")
+  if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+    raise TypeError(f"segment_ids must be an integer array, got {segment_ids.dtype}")
+  if not _concrete(segment_ids):
+    if num_segments is None:
+      raise ValueError("num_segments must be given when segment_ids are traced "
+                       "(under jit the output shape cannot depend on their values)")
+    return int(num_segments)
+  ids = np.asarray(segment_ids)
+  for b in range(B):
+    row = ids[b]
+    pad = np.flatnonzero(row < 0)
+    if pad.size and pad[0] + pad.size != L:
+      raise ValueError(f"segment_ids[{b}]: padding (negative ids) must be trailing, "
+                       f"found a valid id at position {pad[0] + np.argmax(row[pad[0]:] >= 0)}"
+                       f" after padding at {pad[0]}")
+    valid = row[row >= 0]
+    down = np.flatnonzero(np.diff(valid) < 0)
+    if down.size:
+      i = int(down[0]) + 1
+      raise ValueError(f"segment_ids[{b}] must be non-decreasing along L so each "
+                       f"segment is one contiguous run (packed, sorted segments are "
+                       f"supported); got id {valid[i]} after id {valid[i - 1]} at "
+                       f"position {i}")
+  top = int(ids.max(initial=-1)) + 1
+  if num_segments is None:
+    return max(top, 1)
+  if top > num_segments:
+    raise ValueError(f"segment_ids contain id {top - 1} >= num_segments = {num_segments}")
+  return int(num_segments)
