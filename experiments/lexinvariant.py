@@ -156,5 +156,5 @@ if __name__ == "__main__":
     try:
         main()
     except (ValueError, KeyError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
         sys.exit(2)

@@ -53,7 +53,7 @@ class SentencePieceTokenizer:
         lines = (line for d in docs for line in d.splitlines() if line.strip())
         spm.SentencePieceTrainer.train(
             sentence_iterator=lines, model_writer=buf, vocab_size=vocab_size, model_type="unigram",
-            byte_fallback=True, character_coverage=1.0, input_sentence_size=max_chars // 100,
+            byte_fallback=True, character_coverage=0.9995, input_sentence_size=max_chars // 100,
             shuffle_input_sentence=True, max_sentence_length=16384, minloglevel=2,
             normalization_rule_name="identity", remove_extra_whitespaces=False, split_digits=True)
         os.makedirs(os.path.dirname(os.path.abspath(model_file)), exist_ok=True)
@@ -140,7 +140,7 @@ def tfds_docs(spec: str, data_dir: str | None = None, max_docs: int = 100_000) -
         import tensorflow_datasets as tfds
     except ImportError as e:
         raise ImportError("tfds data needs the tfds extra: pip install -e '.[tfds]'") from e
-    builder = tfds.builder(name, data_dir=data_dir)
+    builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")  # random access, no TF
     builder.download_and_prepare()
     source = builder.as_data_source(split=split)
     docs = []

@@ -136,7 +136,7 @@ class Trainer:
                 return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": self.tx.init(params),
                         "rng": jax.random.key_data(train_rng)}
 
-            batch_sh = {k: replicated(self.mesh) for k in example_batch}
+            batch_sh = self.batch_shardings(example_batch)
             state = jax.jit(init_fn, in_shardings=(rep, batch_sh), out_shardings=self.state_shardings)(
                 init_rng, example_batch)
         return state
@@ -175,7 +175,7 @@ class Trainer:
             zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), ((zeros[1], zeros[0][0], zeros[0][1])))
             (grads, loss, metrics), _ = jax.lax.scan(body, zeros, (jnp.arange(accum), micro))
             grads, loss, metrics = jax.tree.map(lambda x: x / accum, (grads, loss, metrics))
-        grad_norm = optax.global_norm(grads)
+        grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
         updates, opt_state = self.tx.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
         # A non-finite loss or gradient leaves the state as it was; the host loop stops and reports it.

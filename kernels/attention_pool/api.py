@@ -119,6 +119,10 @@ def _resolve(implementation, x, queries, num_segments, segment_ids):
     backend = jax.default_backend()
     implementation = {"tpu": "pallas_tpu", "gpu": "pallas_gpu",
                       "cuda": "pallas_gpu"}.get(backend, "xla")
+    if implementation == "pallas_gpu":
+      from kernels.attention_pool import pallas_gpu
+      if not pallas_gpu.AVAILABLE:
+        implementation = "xla"
     if implementation != "xla" and (x.dtype not in KERNEL_DTYPES or
                                     _tpu_state_too_big(implementation, x, queries,
                                                        num_segments, segment_ids)):

@@ -1,0 +1,65 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from experiments import lexinvariant
+from experiments.configs.lexinvariant import get_config
+from jaxemb.config import apply_overrides
+
+ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
+
+
+def test_study_writes_table_results_and_plot(tmp_path, capsys):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"line {i}: the quick brown fox jumps over the lazy dog\n" for i in range(3000)))
+    wd = tmp_path / "run"
+    res = lexinvariant.main(["--config", "tiny", "--workdir", str(wd), "--data", str(corpus),
+                             "train.steps=6", "train.eval_every=3", "train.progress=False"])
+    out = capsys.readouterr().out
+    assert "standard" in out and "lexinvariant" in out and "ratio" in out and str(wd) in out
+    saved = json.load(open(wd / "results.json"))
+    assert saved["positions"] == list(range(1, 33))
+    assert set(saved["ppl"]) == {"standard", "lexinvariant"}
+    assert all(len(v) == 32 and min(v) > 1 for v in saved["ppl"].values())
+    assert res["table"][0]["ratio"] > 0
+    assert (wd / "perplexity_vs_position.png").stat().st_size > 5000
+
+
+def test_unknown_config_key_is_a_clear_error():
+    cfg = get_config("default")
+    with pytest.raises(KeyError, match="unknown config key 'train.stepz'"):
+        apply_overrides(cfg, ["train.stepz=3"])
+    with pytest.raises(KeyError, match="unknown config key 'modell'"):
+        apply_overrides(cfg, ["modell.kind=x"])
+    with pytest.raises(ValueError, match="expects int"):
+        apply_overrides(cfg, ["train.steps=abc"])
+
+
+def test_cli_reports_bad_input_in_one_line(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for args, msg in [(["--data", str(empty)], "holds no non-empty UTF-8 text files"),
+                      (["train.stepz=2"], "unknown config key"),
+                      (["data.seq_len=1"], "sequence length must be >= 2")]:
+        p = subprocess.run([sys.executable, "-m", "experiments.lexinvariant", "--config", "tiny",
+                            "--workdir", str(tmp_path / "w"), *args], cwd=ROOT, capture_output=True, text=True,
+                           timeout=300, env=dict(os.environ, JAX_NUM_CPU_DEVICES="1"))
+        assert p.returncode == 2, p.stderr[-2000:]
+        assert msg in p.stderr and "Traceback" not in p.stderr
+
+
+def test_paper_config_is_150m_parameters():
+    import jax
+    import numpy as np
+    from jaxemb.models.lexinvariant import LanguageModelTask
+    cfg = get_config("paper")
+    task = LanguageModelTask(cfg.model, cfg.data.seq_len)
+    batch = {"inputs": jax.ShapeDtypeStruct((1, 512), np.int32), "segment_ids": jax.ShapeDtypeStruct((1, 512), np.int32)}
+    shapes = jax.eval_shape(task.init, jax.random.key(0), batch)
+    import flax.linen as nn
+    n = sum(np.prod(x.shape) for x in jax.tree.leaves(nn.unbox(shapes)))
+    assert 140e6 < n < 160e6, n
+    assert cfg.optim.name == "adafactor" and cfg.model.position == "t5" and cfg.train.steps == 250_000
