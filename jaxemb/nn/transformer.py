@@ -7,12 +7,13 @@ attending across document boundaries (0 marks padding), and RoPE positions resta
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxemb.nn.positions import T5RelativeBias, apply_rope, segment_positions
+from jaxemb.nn.positions import T5RelativeBias, apply_rope, rope_tables, segment_positions
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,9 +49,10 @@ class DenseGeneral(nn.Module):
             1.0, "fan_in", "truncated_normal", in_axis=tuple(range(self.in_dims)),
             out_axis=tuple(range(self.in_dims, self.in_dims + len(features))))
         kernel = self.param("kernel", nn.with_logical_partitioning(init, self.axes), in_shape + features)
-        return jax.lax.dot_general(x, kernel.astype(x.dtype),
-                                   ((tuple(range(x.ndim - self.in_dims, x.ndim)), tuple(range(self.in_dims))),
-                                    ((), ())))
+        # As one 2-D matmul: on CPU, XLA otherwise inserts costly transposes in the backward pass.
+        fan_in, fan_out = math.prod(in_shape), math.prod(features)
+        y = x.reshape(-1, fan_in) @ kernel.astype(x.dtype).reshape(fan_in, fan_out)
+        return y.reshape(*x.shape[:-self.in_dims], *features)
 
 
 def _dense(features, axes, in_axis_count=1, name=None):
@@ -66,22 +68,30 @@ class Attention(nn.Module):
     cfg: TransformerConfig
 
     @nn.compact
-    def __call__(self, x, mask, positions, bias):
+    def __call__(self, x, mask, rope, bias):
         c = self.cfg
-        q = _dense((c.num_heads, c.head_dim), ("embed", "heads", "kv"), name="query")(x)
-        k = _dense((c.num_heads, c.head_dim), ("embed", "heads", "kv"), name="key")(x)
-        v = _dense((c.num_heads, c.head_dim), ("embed", "heads", "kv"), name="value")(x)
-        if c.position == "rope":
-            q, k = apply_rope(q, positions), apply_rope(k, positions)
-        q = _constrain(q, ("batch", "length", "heads", "kv"))
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * c.head_dim ** -0.5
+        # One fused projection for q, k, v (one large matmul is faster than three small ones).
+        qkv = _dense((3, c.num_heads, c.head_dim), ("embed", None, "heads", "kv"), name="qkv")(x)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        # (B, H, L, D) layout: batched matmuls with leading batch dims are the fastest on CPU.
+        q, k, v = (_constrain(t.transpose(0, 2, 1, 3), ("batch", "heads", "length", "kv")) for t in (q, k, v))
+        scores = jnp.einsum("bhqd,bhkd->bhqk", q * c.head_dim ** -0.5, k).astype(jnp.float32)
         if bias is not None:
             scores = scores + bias
-        scores = jnp.where(mask, scores, -1e30)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+        probs = masked_softmax(scores, mask).astype(v.dtype)
+        out = jnp.einsum("bhqk,bhkd->bhqd", probs, v).transpose(0, 2, 1, 3)
         out = _constrain(out, ("batch", "length", "heads", "kv"))
         return _dense(c.d_model, ("heads", "kv", "embed"), in_axis_count=2, name="out")(out)
+
+
+def masked_softmax(scores, mask):
+    """Softmax over the last axis where `mask` is True; rows with no True entry give zeros, never NaN."""
+    peak = jax.lax.stop_gradient(jnp.max(jnp.where(mask, scores, -jnp.inf), axis=-1, keepdims=True))
+    e = jnp.where(mask, jnp.exp(scores - jnp.where(jnp.isfinite(peak), peak, 0.0)), 0.0)
+    total = jnp.sum(e, axis=-1, keepdims=True)
+    return e * (1.0 / jnp.where(total > 0, total, 1.0))
 
 
 class Mlp(nn.Module):
@@ -105,10 +115,10 @@ class Block(nn.Module):
     cfg: TransformerConfig
 
     @nn.compact
-    def __call__(self, x, mask, positions, bias):
+    def __call__(self, x, mask, rope, bias):
         dtype = jnp.dtype(self.cfg.dtype)
         h = _norm("ln_attn")(x).astype(dtype)
-        x = x + Attention(self.cfg, name="attn")(h, mask, positions, bias)
+        x = x + Attention(self.cfg, name="attn")(h, mask, rope, bias)
         h = _norm("ln_mlp")(x).astype(dtype)
         x = x + Mlp(self.cfg, name="mlp")(h)
         x = _constrain(x, ("batch", "length", "act_embed"))
@@ -135,13 +145,13 @@ class Transformer(nn.Module):
         causal = jnp.tril(jnp.ones((length, length), bool))
         same = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] > 0)
         mask = (causal[None] & same)[:, None]  # (B, 1, L, L)
-        positions = segment_positions(segment_ids)
+        rope = rope_tables(segment_positions(segment_ids), c.head_dim) if c.position == "rope" else None
         bias = T5RelativeBias(c.num_heads, c.rel_buckets, c.rel_max_distance, name="rel_bias")(length) \
             if c.position == "t5" else None
         block = nn.remat(Block) if c.remat else Block
         layers = []
         for i in range(c.num_layers):
-            x, _ = block(c, name=f"block_{i}")(x, mask, positions, bias)
+            x, _ = block(c, name=f"block_{i}")(x, mask, rope, bias)
             layers.append(x)
         h = _norm("ln_final")(x).astype(jnp.dtype(c.dtype))
         logits = self.embed.logits(h, ctx)

@@ -5,7 +5,8 @@ import optax
 
 
 def make_schedule(cfg, total_steps: int):
-    """cfg: lr, end_lr, warmup_steps, schedule in {'cosine', 'linear', 'constant'}."""
+    """cfg: lr, end_lr, warmup_steps, schedule in {'cosine', 'linear', 'constant', 'exponential'};
+    'exponential' multiplies the rate by decay_rate every decay_steps steps (e.g. once per epoch)."""
     warmup = int(cfg.warmup_steps)
     decay_steps = max(total_steps - warmup, 1)
     if cfg.schedule == "cosine":
@@ -14,8 +15,14 @@ def make_schedule(cfg, total_steps: int):
         main = optax.linear_schedule(cfg.lr, cfg.end_lr, decay_steps)
     elif cfg.schedule == "constant":
         main = optax.constant_schedule(cfg.lr)
+    elif cfg.schedule == "exponential":
+        if cfg.decay_steps <= 0:
+            raise ValueError(f"optim.decay_steps must be > 0 for the exponential schedule, got {cfg.decay_steps}")
+        main = optax.exponential_decay(cfg.lr, transition_steps=cfg.decay_steps, decay_rate=cfg.decay_rate,
+                                       staircase=True)
     else:
-        raise ValueError(f"optim.schedule={cfg.schedule!r}; expected 'cosine', 'linear' or 'constant'")
+        raise ValueError(f"optim.schedule={cfg.schedule!r}; expected 'cosine', 'linear', 'constant' or "
+                         "'exponential'")
     if warmup <= 0:
         return main
     ramp = optax.linear_schedule(0.0, cfg.lr, warmup)
@@ -23,16 +30,18 @@ def make_schedule(cfg, total_steps: int):
 
 
 def make_optimizer(cfg, total_steps: int):
-    """Returns (optax transformation, schedule). cfg.name in {'adamw', 'adafactor', 'sgd'}."""
+    """Returns (optax transformation, schedule). cfg.name in {'adamw', 'adam', 'adafactor', 'sgd'}."""
     schedule = make_schedule(cfg, total_steps)
     if cfg.name == "adamw":
         opt = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    elif cfg.name == "adam":
+        opt = optax.adam(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
     elif cfg.name == "adafactor":
         opt = optax.adafactor(schedule, weight_decay_rate=cfg.weight_decay or None)
     elif cfg.name == "sgd":
         opt = optax.sgd(schedule, momentum=cfg.b1 or None)
     else:
-        raise ValueError(f"optim.name={cfg.name!r}; expected 'adamw', 'adafactor' or 'sgd'")
+        raise ValueError(f"optim.name={cfg.name!r}; expected 'adamw', 'adam', 'adafactor' or 'sgd'")
     parts = []
     if cfg.clip_norm and cfg.clip_norm > 0:
         parts.append(optax.clip_by_global_norm(cfg.clip_norm))

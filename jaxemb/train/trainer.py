@@ -231,9 +231,12 @@ class Trainer:
 
     # -- the loop --------------------------------------------------------------------------------------
 
-    def fit(self, source, eval_source=None, desc: str = "train"):
+    def fit(self, source, eval_source=None, desc: str = "train", eval_fn=None):
         """Trains to cfg.train.steps, resuming from the latest checkpoint in workdir/checkpoints.
 
+        Every cfg.train.eval_every steps: the task's eval metrics over `eval_source` and/or
+        `eval_fn(state) -> dict` (e.g. ranking metrics) are logged; with cfg.train.best_metric set, the
+        state with the best value so far is kept in workdir/best (see `restore_best`).
         Returns the final state. Raises NonFiniteLoss naming the step if the loss becomes NaN/inf; the
         last good checkpoint stays on disk.
         """
@@ -242,6 +245,10 @@ class Trainer:
             raise ValueError(f"data source batch size {source.batch_size} != train.batch_size {t.batch_size}")
         ckpt = Checkpointer(os.path.join(self.workdir, "checkpoints"), keep=t.keep_checkpoints,
                             every=t.checkpoint_every, async_save=t.async_checkpoints)
+        best = Checkpointer(os.path.join(self.workdir, "best"), keep=1, async_save=False) if t.best_metric else None
+        best_value = None
+        if best is not None and best.latest_step() is not None:
+            best_value = best.read_meta()["value"]
         first = self.put_batch(source, 0)
         state = self.init_state(first)
         start, position = 0, 0
@@ -280,16 +287,28 @@ class Trainer:
                     settle(pending)
                 pending = (step, metrics)
                 do_ckpt = ckpt.every and step % ckpt.every == 0 or step == t.steps
-                do_eval = eval_source is not None and t.eval_every and (step % t.eval_every == 0
-                                                                       or step == t.steps)
+                do_eval = (eval_source is not None or eval_fn is not None) and t.eval_every and (
+                    step % t.eval_every == 0 or step == t.steps)
                 if do_ckpt or do_eval:
                     settle(pending)
                     pending = None
                 if do_ckpt:
                     ckpt.save(step, state, {"step": step, "data_position": position}, force=True)
                 if do_eval:
-                    ev = self.evaluate(state["params"], eval_source, t.eval_batches)
+                    ev = self.evaluate(state["params"], eval_source, t.eval_batches) if eval_source else {}
+                    if eval_fn is not None:
+                        ev.update(eval_fn(state))
                     writer.write(step, "eval", ev)
+                    if best is not None:
+                        if t.best_metric not in ev:
+                            raise KeyError(f"train.best_metric={t.best_metric!r} is not among the eval metrics "
+                                           f"{sorted(ev)}")
+                        value = float(ev[t.best_metric])
+                        if best_value is None or (value > best_value if t.best_mode == "max"
+                                                  else value < best_value):
+                            best_value = value
+                            best.save(step, state, {"step": step, "value": value, "metric": t.best_metric},
+                                      force=True)
             if pending is not None:
                 settle(pending)
             self.train_seconds = time.perf_counter() - started
@@ -297,4 +316,14 @@ class Trainer:
             bar.close()
             writer.close()
             ckpt.close()
+            if best is not None:
+                best.close()
         return state
+
+    def restore_best(self, like_state):
+        """(state, meta) of the best checkpoint (cfg.train.best_metric) in workdir/best."""
+        best = Checkpointer(os.path.join(self.workdir, "best"), keep=1, async_save=False)
+        try:
+            return best.restore(abstract_like(like_state, self.state_shardings))
+        finally:
+            best.close()

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from jaxemb.nn.embeddings import TokenEmbedding
-from jaxemb.nn.positions import apply_rope, segment_positions, t5_bucket
+from jaxemb.nn.positions import apply_rope, rope_tables, segment_positions, t5_bucket
 from jaxemb.nn.transformer import Attention, Transformer, TransformerConfig
 
 
@@ -41,7 +41,7 @@ def test_rope_matches_float64_reference():
     rng = np.random.default_rng()
     x = rng.normal(size=(2, 7, 3, 8))
     pos = rng.integers(0, 100, size=(2, 7))
-    out = np.asarray(apply_rope(jnp.asarray(x, jnp.float32), jnp.asarray(pos)))
+    out = np.asarray(apply_rope(jnp.asarray(x, jnp.float32), *rope_tables(jnp.asarray(pos), 8)))
     half = 4
     freq = 1.0 / 10000.0 ** (np.arange(half) / half)
     ang = pos[..., None, None] * freq
@@ -51,8 +51,8 @@ def test_rope_matches_float64_reference():
     # rotation: relative property q(m).k(n) depends on m - n only
     q = rng.normal(size=(1, 1, 1, 8))
     k = rng.normal(size=(1, 1, 1, 8))
-    dots = [float(jnp.sum(apply_rope(jnp.asarray(q, jnp.float32), jnp.asarray([[m + 5]]))
-                          * apply_rope(jnp.asarray(k, jnp.float32), jnp.asarray([[m]])))) for m in (0, 9, 40)]
+    rot = lambda v, m: apply_rope(jnp.asarray(v, jnp.float32), *rope_tables(jnp.asarray([[m]]), 8))
+    dots = [float(jnp.sum(rot(q, m + 5) * rot(k, m))) for m in (0, 9, 40)]
     np.testing.assert_allclose(dots, dots[0], rtol=1e-4)
 
 
@@ -79,7 +79,7 @@ def test_attention_matches_float64_reference():
     out = np.asarray(att.apply(params, x, mask, None, None))
     p = jax.tree.map(lambda a: np.asarray(a, np.float64), jax.tree.map(lambda v: v, params))["params"]
     unbox = lambda t: np.asarray(getattr(t, "value", t), np.float64)
-    wq, wk, wv = (unbox(p[n]["kernel"]) for n in ("query", "key", "value"))
+    wq, wk, wv = (unbox(p["qkv"]["kernel"])[:, i] for i in range(3))
     wo = unbox(p["out"]["kernel"])
     xd = x.astype(np.float64)
     q, k, v = (np.einsum("bld,dhk->blhk", xd, w) for w in (wq, wk, wv))

@@ -121,3 +121,23 @@ def test_evaluation_is_logged(tmp_path):
     ev = read_metrics(str(tmp_path / "metrics.jsonl"), "eval")
     assert [r["step"] for r in ev] == [2, 4] and all(np.isfinite(r["loss"]) for r in ev)
     json.dumps(ev)
+
+
+def test_eval_fn_and_best_checkpoint(tmp_path):
+    cfg = _cfg(steps=6, eval_every=2, checkpoint_every=2, best_metric="score", best_mode="max")
+    scores = iter([0.5, 0.9, 0.7])
+    tr = Trainer(Regression(), cfg, str(tmp_path))
+    state = tr.fit(ArraySource(regression_data(), 16), eval_fn=lambda st: {"score": next(scores)})
+    best, meta = tr.restore_best(state)
+    assert meta == {"step": 4, "value": 0.9, "metric": "score"}
+    assert int(best["step"]) == 4
+    ev = read_metrics(str(tmp_path / "metrics.jsonl"), "eval")
+    assert [r["score"] for r in ev] == [0.5, 0.9, 0.7]
+
+
+def test_exponential_schedule_decays_per_epoch():
+    from jaxemb.train.optim import make_schedule
+    c = core_config().optim
+    c.update(schedule="exponential", lr=0.01, decay_steps=10, decay_rate=0.9, warmup_steps=0)
+    s = make_schedule(c, 100)
+    np.testing.assert_allclose([float(s(i)) for i in (0, 9, 10, 25)], [0.01, 0.01, 0.009, 0.0081], rtol=1e-6)

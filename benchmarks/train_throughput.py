@@ -1,0 +1,172 @@
+"""Training throughput of jaxemb's LM against the same model written plainly in PyTorch.
+
+    python -m benchmarks.train_throughput                 # default + 150M configs, jaxemb and PyTorch
+    python -m benchmarks.train_throughput --sizes default --steps 20 --no-torch
+    python -m benchmarks.train_throughput --append        # also append the table to BENCHMARKS.md
+
+Reports train tokens/s, model FLOPs utilisation (MFU) against the measured fp32 (or bf16) matmul peak of
+the same backend, peak memory, and the tokens/s ratio jaxemb / PyTorch. On CPU the 150M config runs with a
+small batch (--big-batch) so that a step takes seconds, not minutes.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import resource
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments.common import machine, write_json
+from experiments.configs.lexinvariant import get_config
+from jaxemb.models.lexinvariant import LanguageModelTask, parameter_count
+from jaxemb.train import Trainer
+
+
+def matmul_peak(dtype=jnp.float32, n=2048, reps=10) -> float:
+    """Measured FLOP/s of a large square matmul on the default backend."""
+    a = jnp.ones((n, n), dtype)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    t = time.perf_counter()
+    for _ in range(reps):
+        out = f(a)
+    out.block_until_ready()
+    return 2 * n ** 3 * reps / (time.perf_counter() - t)
+
+
+def flops_per_token(m, seq_len: int, params: int) -> float:
+    """6N for the matmuls of forward+backward plus attention scores/values (PaLM's estimate)."""
+    return 6 * params + 12 * m.num_layers * m.num_heads * m.head_dim * seq_len
+
+
+def peak_memory_bytes() -> int:
+    dev = jax.devices()[0]
+    stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
+    if stats and "peak_bytes_in_use" in stats:
+        return int(stats["peak_bytes_in_use"])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # process peak RSS (CPU)
+
+
+class RandomTokens:
+    def __init__(self, batch_size, seq_len, vocab, seed=0):
+        rng = np.random.default_rng(seed)
+        self.tokens = rng.integers(0, vocab, size=(4, batch_size, seq_len + 1)).astype(np.int32)
+        self.batch_size = batch_size
+
+    def get(self, index, rows=slice(None)):
+        t = self.tokens[index % 4][rows]
+        return {"inputs": t[:, :-1], "targets": t[:, 1:], "segment_ids": np.ones_like(t[:, :-1]),
+                "weights": np.ones(t[:, :-1].shape, np.float32)}
+
+
+def bench_jax(cfg, steps: int, warmup: int = 2) -> dict:
+    cfg = copy.deepcopy(cfg)
+    cfg.train.update(steps=steps + warmup, checkpoint_every=0, eval_every=0, progress=False)
+    task = LanguageModelTask(cfg.model, cfg.data.seq_len)
+    trainer = Trainer(task, cfg, "/tmp/jaxemb_bench_unused")
+    src = RandomTokens(cfg.train.batch_size, cfg.data.seq_len, cfg.model.vocab_size)
+    batches = [trainer.put_batch(src, i) for i in range(4)]
+    state = trainer.init_state(batches[0])
+    for i in range(warmup):
+        state, m = trainer.train_step(state, batches[i % 4])
+    jax.block_until_ready(m)
+    t = time.perf_counter()
+    for i in range(steps):
+        state, m = trainer.train_step(state, batches[i % 4])
+    jax.block_until_ready(m)
+    dt = (time.perf_counter() - t) / steps
+    return {"step_s": dt, "params": parameter_count(state["params"]), "loss": float(m["loss"]),
+            "peak_memory_bytes": peak_memory_bytes()}
+
+
+def bench_torch(cfg, steps: int, warmup: int = 2) -> dict:
+    import torch
+    from benchmarks import torch_peer
+    torch.manual_seed(0)
+    torch.set_num_threads(os.cpu_count())
+    model, opt = torch_peer.make(cfg.model, cfg.optim)
+    src = RandomTokens(cfg.train.batch_size, cfg.data.seq_len, cfg.model.vocab_size)
+    data = [(torch.from_numpy(src.tokens[i][:, :-1]).long(), torch.from_numpy(src.tokens[i][:, 1:]).long())
+            for i in range(4)]
+    for i in range(warmup):
+        torch_peer.train_step(model, opt, *data[i % 4], cfg.optim.clip_norm)
+    t = time.perf_counter()
+    for i in range(steps):
+        loss = torch_peer.train_step(model, opt, *data[i % 4], cfg.optim.clip_norm)
+    loss.item()
+    dt = (time.perf_counter() - t) / steps
+    return {"step_s": dt, "params": sum(p.numel() for p in model.parameters()), "loss": float(loss)}
+
+
+def configs(names, big_batch: int):
+    out = {}
+    for name in names:
+        if name == "default":
+            c = get_config("default")
+            c.model.kind = "standard"
+        elif name == "150M":
+            c = get_config("paper")
+            c.model.update(kind="standard", remat=False)
+            c.mesh.shape = dict(data=-1, fsdp=1, tensor=1)
+            if jax.default_backend() == "cpu":
+                c.train.update(batch_size=big_batch, compute_dtype="float32")
+        else:
+            raise ValueError(f"unknown size {name!r}; expected default or 150M")
+        out[name] = c
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", default="default,150M")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--big-steps", type=int, default=3)
+    p.add_argument("--big-batch", type=int, default=4, help="150M batch size on CPU")
+    p.add_argument("--no-torch", action="store_true")
+    p.add_argument("--workdir", default="runs/bench_train")
+    p.add_argument("--append", action="store_true", help="append the table to BENCHMARKS.md")
+    args = p.parse_args(argv)
+    os.makedirs(args.workdir, exist_ok=True)
+    cfgs = configs(args.sizes.split(","), args.big_batch)
+    bf16 = any(c.train.compute_dtype == "bfloat16" for c in cfgs.values())
+    peak = matmul_peak(jnp.bfloat16 if bf16 else jnp.float32)
+    rows = []
+    for name, cfg in cfgs.items():
+        steps = args.steps if name == "default" else args.big_steps
+        tokens = cfg.train.batch_size * cfg.data.seq_len
+        j = bench_jax(cfg, steps)
+        row = {"config": name, "params": j["params"], "batch": cfg.train.batch_size, "seq": cfg.data.seq_len,
+               "dtype": cfg.train.compute_dtype, "jax_tok_s": tokens / j["step_s"],
+               "mfu": flops_per_token(cfg.model, cfg.data.seq_len, j["params"]) * tokens / j["step_s"] / peak,
+               "peak_mem_gb": j["peak_memory_bytes"] / 2 ** 30}
+        if not args.no_torch and jax.default_backend() == "cpu":
+            t = bench_torch(cfg, steps)
+            row["torch_tok_s"] = tokens / t["step_s"]
+            row["ratio"] = row["jax_tok_s"] / row["torch_tok_s"]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    m = machine()
+    header = "| config | params | batch x seq | dtype | jaxemb tok/s | MFU | peak mem GiB | PyTorch tok/s | jaxemb/PyTorch |"
+    lines = [header, "|" + "---|" * 9]
+    for r in rows:
+        lines.append(f"| {r['config']} | {r['params'] / 1e6:.1f}M | {r['batch']}x{r['seq']} | {r['dtype']} | "
+                     f"{r['jax_tok_s']:,.0f} | {r['mfu']:.1%} | {r['peak_mem_gb']:.2f} | "
+                     f"{r.get('torch_tok_s', float('nan')):,.0f} | {r.get('ratio', float('nan')):.2f}x |")
+    table = "\n".join(lines)
+    print(f"\nmatmul peak ({'bf16' if bf16 else 'fp32'}): {peak / 1e9:.1f} GFLOP/s on {m['device']} "
+          f"({m['backend']}, {m['cpu_count']} cpus), jax {m['jax']}\n")
+    print(table)
+    write_json(os.path.join(args.workdir, "results.json"), {"rows": rows, "peak_flops": peak, "machine": m})
+    if args.append:
+        with open("BENCHMARKS.md", "a") as f:
+            f.write(f"\n### Training throughput, {m['date']}, {m['device']} ({m['backend']}, {m['cpu_count']} "
+                    f"cpus), jax {m['jax']}\nmatmul peak {peak / 1e9:.1f} GFLOP/s\n\n{table}\n")
+
+
+if __name__ == "__main__":
+    main()
