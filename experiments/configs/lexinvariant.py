@@ -13,8 +13,8 @@ def get_config(name: str = "default") -> ml_collections.ConfigDict:
     c.model = dict(kind="standard", vocab_size=256, d_model=128, num_layers=4, num_heads=4, head_dim=32,
                    mlp_dim=512, position="rope", tied=True, scale_bias=True, semi_p=0.0, remat=False)
     c.study = dict(kinds=["standard", "lexinvariant"], bins=8, smooth=9)
-    c.train.update(steps=400, batch_size=32, log_every=20, eval_every=200, eval_batches=2,
-                   checkpoint_every=200)
+    c.train.update(steps=300, batch_size=32, log_every=20, eval_every=150, eval_batches=2,
+                   checkpoint_every=150)
     c.optim.update(lr=3e-3, end_lr=3e-4, warmup_steps=40)
     if name == "default":
         pass

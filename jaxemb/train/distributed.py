@@ -6,13 +6,18 @@ import numpy as np
 
 
 def maybe_initialize(cfg) -> None:
-    """Calls jax.distributed.initialize when cfg.coordinator is set (host:port). Idempotent.
+    """Calls jax.distributed.initialize when cfg.coordinator is set. Idempotent.
 
-    On CPU the cross-process collectives need gloo, set before the backend starts.
+    coordinator = 'host:port' with num_processes and process_id, or 'auto' on TPU pods and clusters
+    where JAX detects them itself (TPU VM metadata, SLURM, Open MPI). On CPU the cross-process
+    collectives need gloo, set before the backend starts.
     """
     if not cfg.coordinator:
         return
     if jax.distributed.is_initialized():
+        return
+    if cfg.coordinator == "auto":
+        jax.distributed.initialize()
         return
     if cfg.cpu_collectives:
         jax.config.update("jax_cpu_collectives_implementation", cfg.cpu_collectives)
