@@ -11,7 +11,8 @@ def get_config(name: str = "default") -> ml_collections.ConfigDict:
     c.data = dict(source="default", tokenizer="byte", spm_vocab_size=32000, max_chars=3_000_000,
                   seq_len=128, valid_fraction=0.05, eval_rows=256, tfds_data_dir="")
     c.model = dict(kind="standard", vocab_size=256, d_model=128, num_layers=4, num_heads=4, head_dim=32,
-                   mlp_dim=512, position="rope", tied=True, scale_bias=True, semi_p=0.0, remat=False)
+                   mlp_dim=512, position="rope", tied=True, scale_bias=True, semi_p=0.0, remat=False,
+                   readout_block=0)  # readout_block > 0: lexinvariant readout streamed over vocabulary blocks
     c.study = dict(kinds=["standard", "lexinvariant"], bins=8, smooth=9)
     c.train.update(steps=300, batch_size=32, log_every=20, eval_every=150, eval_batches=2,
                    checkpoint_every=150)

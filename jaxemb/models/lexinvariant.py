@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxemb.nn.embeddings import LexinvariantEmbedding, TokenEmbedding
+from jaxemb.nn.embeddings import LexinvariantEmbedding, TokenEmbedding, token_nll  # noqa: F401
 from jaxemb.nn.transformer import Transformer, TransformerConfig
 
 KINDS = ("standard", "lexinvariant", "semi")
@@ -37,16 +37,11 @@ def build_model(model_cfg) -> Transformer:
         num_heads=model_cfg.num_heads, head_dim=model_cfg.head_dim, mlp_dim=model_cfg.mlp_dim,
         position=model_cfg.position, remat=model_cfg.remat)
     if kind == "lexinvariant":
-        embed = LexinvariantEmbedding(model_cfg.vocab_size, model_cfg.d_model, model_cfg.scale_bias)
+        embed = LexinvariantEmbedding(model_cfg.vocab_size, model_cfg.d_model, model_cfg.scale_bias,
+                                      model_cfg.get("readout_block", 0))
     else:
         embed = TokenEmbedding(model_cfg.vocab_size, model_cfg.d_model, tied=model_cfg.tied)
     return Transformer(tcfg, embed)
-
-
-def token_nll(logits, targets):
-    """Per-token negative log-likelihood in float32. (B, L)."""
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    return -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
 
 
 class LanguageModelTask:
@@ -69,8 +64,8 @@ class LanguageModelTask:
         return self.model.apply(params, inputs, batch["segment_ids"], rngs={"lexinv": lex_rng}, **kwargs)
 
     def position_nll(self, params, batch, rng):
-        logits, _ = self.apply(params, batch, rng)
-        return token_nll(logits, batch["targets"])
+        nll, _ = self.apply(params, batch, rng, targets=batch["targets"])
+        return nll
 
     def loss(self, params, batch, rng):
         nll = self.position_nll(params, batch, rng)

@@ -12,6 +12,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxemb.nn.lexinvariant_vectors import blockwise_nll, sequence_keys, sequence_tables, token_vectors  # noqa: F401
+
 
 class TokenEmbedding(nn.Module):
     """Learned token table; readout tied to the table or a separate (untied) projection."""
@@ -35,10 +37,10 @@ class TokenEmbedding(nn.Module):
         return self.head(h).astype(jnp.float32)
 
 
-def sequence_tables(rng, batch: int, vocab_size: int, dim: int, dtype=jnp.float32):
-    """One N(0, I_d) table per sequence: table b is drawn from fold_in(rng, b). (B, V, d)."""
-    keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(batch))
-    return jax.vmap(lambda k: jax.random.normal(k, (vocab_size, dim), dtype))(keys)
+def token_nll(logits, targets):
+    """Per-token negative log-likelihood in float32. (B, L)."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
 
 
 class LexinvariantEmbedding(nn.Module):
@@ -53,17 +55,35 @@ class LexinvariantEmbedding(nn.Module):
     vocab_size: int
     dim: int
     scale_bias: bool = True
+    readout_block: int = 0  # > 0: never build the table; stream the readout over blocks of this many ids
 
     @nn.compact
     def encode(self, tokens, table=None):
-        if table is None:
-            table = sequence_tables(self.make_rng("lexinv"), tokens.shape[0], self.vocab_size, self.dim)
-        x = jnp.take_along_axis(table, tokens[..., None], axis=1)  # (B, L, d): row tokens[b, t] of table b
+        keys = None
+        if table is not None:
+            x = jnp.take_along_axis(table, tokens[..., None], axis=1)  # (B, L, d): row tokens[b, t] of table b
+        else:
+            keys = sequence_keys(self.make_rng("lexinv"), tokens.shape[0])
+            if self.readout_block:
+                x = token_vectors(keys, tokens, self.dim)
+            else:
+                table = token_vectors(keys, jnp.broadcast_to(jnp.arange(self.vocab_size),
+                                                             (tokens.shape[0], self.vocab_size)), self.dim)
+                x = jnp.take_along_axis(table, tokens[..., None], axis=1)
         if self.scale_bias:
             scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)), (self.dim,))
             bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)), (self.dim,))
             x = x * scale + bias
-        return x, table
+        return x, (table, keys)
 
-    def logits(self, h, table):
+    def logits(self, h, ctx):
+        table, _ = ctx
+        if table is None:
+            raise ValueError("logits need the materialised table; with readout_block > 0 use nll()")
         return jnp.einsum("bld,bvd->blv", h, table.astype(h.dtype)).astype(jnp.float32) * self.dim ** -0.5
+
+    def nll(self, h, ctx, targets):
+        table, keys = ctx
+        if table is None:
+            return blockwise_nll(h, keys, targets, self.vocab_size, self.readout_block, self.dim ** -0.5)
+        return token_nll(self.logits(h, ctx), targets)

@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxemb.nn.embeddings import token_nll
 from jaxemb.nn.positions import T5RelativeBias, apply_rope, rope_tables, segment_positions
 
 
@@ -89,7 +90,8 @@ class Attention(nn.Module):
 def masked_softmax(scores, mask):
     """Softmax over the last axis where `mask` is True; rows with no True entry give zeros, never NaN."""
     peak = jax.lax.stop_gradient(jnp.max(jnp.where(mask, scores, -jnp.inf), axis=-1, keepdims=True))
-    e = jnp.where(mask, jnp.exp(scores - jnp.where(jnp.isfinite(peak), peak, 0.0)), 0.0)
+    # exp of -inf (not a where after the exp): masked entries then get zero gradient, never inf * 0 = NaN
+    e = jnp.exp(jnp.where(mask, scores - jnp.where(jnp.isfinite(peak), peak, 0.0), -jnp.inf))
     total = jnp.sum(e, axis=-1, keepdims=True)
     return e * (1.0 / jnp.where(total > 0, total, 1.0))
 
@@ -128,14 +130,16 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     """Decoder-only LM. `embed` is any module with encode(tokens) and logits(h, ctx).
 
-    __call__(tokens (B, L) int, segment_ids (B, L) int or None, **embed_kwargs)
-      -> (logits (B, L, V) float32, hidden: dict with 'final' (B, L, d) and 'layers' (list of (B, L, d)))
+    __call__(tokens (B, L) int, segment_ids (B, L) int or None, targets=None, **embed_kwargs)
+      -> (out, hidden: dict with 'final' (B, L, d) and 'layers' (list of (B, L, d)))
+    out is logits (B, L, V) float32, or with `targets` (B, L) the per-token NLL (B, L) float32 — through
+    the embedding's own `nll` when it has one (a readout that never materialises the logits).
     """
     cfg: TransformerConfig
     embed: nn.Module
 
     @nn.compact
-    def __call__(self, tokens, segment_ids=None, **embed_kwargs):
+    def __call__(self, tokens, segment_ids=None, targets=None, **embed_kwargs):
         c = self.cfg
         if segment_ids is None:
             segment_ids = jnp.ones_like(tokens)
@@ -154,5 +158,9 @@ class Transformer(nn.Module):
             x, _ = block(c, name=f"block_{i}")(x, mask, rope, bias)
             layers.append(x)
         h = _norm("ln_final")(x).astype(jnp.dtype(c.dtype))
-        logits = self.embed.logits(h, ctx)
-        return logits, {"final": h, "layers": layers}
+        hidden = {"final": h, "layers": layers}
+        if targets is None:
+            return self.embed.logits(h, ctx), hidden
+        if hasattr(self.embed, "nll"):
+            return self.embed.nll(h, ctx, targets), hidden
+        return token_nll(self.embed.logits(h, ctx), targets), hidden

@@ -39,7 +39,10 @@ def attention_pool(x, queries, *, lengths=None, segment_ids=None, num_segments=N
     temperature: positive scalar (python number or array, differentiable).
     implementation: "auto" (Pallas on TPU/GPU, XLA elsewhere), "xla",
       "pallas_tpu" or "pallas_gpu".
-    interpret: run the Pallas kernel in interpret mode (CPU testing).
+    interpret: run the Pallas kernel in interpret mode (CPU testing): True (for
+      pallas_tpu the TPU interpreter, pltpu.InterpretParams()), "hlo" (the generic
+      interpreter; use it inside shard_map over simulated devices), or an
+      InterpretParams object.
     block_l: rows of x per kernel step; default picked per shape and backend.
     backward: "kernel" (Pallas backward) or "xla" (autodiff of the reference).
 

@@ -163,7 +163,7 @@ def forward(x, queries, starts, ends, *, block_l=None, interpret=False, sms=None
       out_shape=[jax.ShapeDtypeStruct((B, S, ns, hp, dp), jnp.float32),
                  jax.ShapeDtypeStruct((B, S, ns, hp), jnp.float32)],
       compiler_params=_Params(num_warps=warps, num_stages=2),
-      interpret=interpret,
+      interpret=bool(interpret),
       name="attention_pool_fwd_gpu",
   )(starts, ends, _pad_queries(queries, hp, dp, x.dtype), x)
   out, lse = _merge_splits(out, lse)
@@ -268,7 +268,7 @@ def backward(x, queries, starts, ends, lse, g, delta, *, block_l=None,
       out_shape=[jax.ShapeDtypeStruct((B, L, D), dx_dtype),
                  jax.ShapeDtypeStruct((B, S, ns, hp, dp), jnp.float32)],
       compiler_params=_Params(num_warps=warps, num_stages=2),
-      interpret=interpret,
+      interpret=bool(interpret),
       name="attention_pool_bwd_gpu",
   )(starts, ends, _pad_queries(queries, hp, dp, x.dtype), x,
     jnp.pad(g.astype(jnp.float32), ((0, 0), (0, 0), (0, hp - H), (0, dp - D))),

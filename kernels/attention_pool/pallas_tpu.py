@@ -234,6 +234,11 @@ def backward(x, queries, starts, ends, lse, g, delta, *, block_l=None,
 
 
 def _interpret(interpret):
+  """True -> the TPU interpreter (NaN-filled buffers, TPU memory semantics);
+  "hlo" -> the generic Pallas interpreter (no cross-device state, so it also runs
+  inside shard_map on simulated CPU devices); an InterpretParams is used as is."""
   if interpret is True:
     return pltpu.InterpretParams()
+  if interpret == "hlo":
+    return True
   return interpret or False

@@ -1,0 +1,88 @@
+"""Every block configuration the dispatchers can pick is lowered for TPU (Mosaic)
+and CUDA (Triton), forward and backward, with no accelerator present. This runs
+the Pallas-level checks (tiling, power-of-two shapes, supported ops); the backend
+compilers proper (Mosaic passes, ptxas) still only run on the device."""
+import itertools
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from kernels import attention_pool
+from kernels.attention_pool import pallas_gpu, pallas_tpu
+
+SDS = jax.ShapeDtypeStruct
+DTYPES = (jnp.float32, jnp.bfloat16)
+
+
+def _train_step(impl, B, L, D, H, S, dtype, **kw):
+  """jit(value_and_grad) of a pooling loss and its abstract arguments."""
+  def loss(x, q, t, ids_or_lengths):
+    if S:
+      out = attention_pool(x, q, segment_ids=ids_or_lengths, num_segments=S,
+                           temperature=t, implementation=impl, **kw)
+    else:
+      out = attention_pool(x, q, lengths=ids_or_lengths, temperature=t,
+                           implementation=impl, **kw)
+    return jnp.sum(out.astype(jnp.float32) ** 2)
+
+  args = (SDS((B, L, D), dtype), SDS((H, D), jnp.float32), SDS((), jnp.float32),
+          SDS((B, L) if S else (B,), jnp.int32))
+  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))), args
+
+
+def test_tpu_dispatcher_only_picks_listed_blocks():
+  for L, D, dt in itertools.product((1, 100, 128, 300, 4096, 10**5),
+                                    (8, 128, 1024, 8192), (2, 4)):
+    assert pallas_tpu.pick_block_l(L, D, dt) in pallas_tpu.BLOCK_CHOICES
+
+
+@pytest.mark.parametrize("block_l", pallas_tpu.BLOCK_CHOICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_tpu_lowers_every_block(block_l, dtype):
+  for B, L, D, H, S in [(2, 3 * block_l + 5, 256, 8, 0), (2, block_l - 3, 48, 64, 3),
+                        (1, 1, 8, 1, 0)]:
+    fn, args = _train_step("pallas_tpu", B, L, D, H, S, dtype, block_l=block_l)
+    jax.export.export(fn, platforms=["tpu"])(*args)
+
+
+def _gpu_configs():
+  """Each distinct config gpu.config can return, with a shape that selects it."""
+  seen = {}
+  for L, D, H, dt in itertools.product((1, 20, 40, 5000), (8, 40, 64, 100, 256, 512,
+                                                          768, 1024, 2048, 4096),
+                                       (1, 16, 20, 64, 128), DTYPES):
+    cfg = pallas_gpu.config(L, D, H, jnp.dtype(dt).itemsize)
+    seen.setdefault(cfg, (L, D, H, dt))
+  return sorted(seen.items(), key=str)
+
+
+def test_gpu_dispatcher_only_picks_listed_tiles():
+  for (bl, ht, dp, hp, warps), _ in _gpu_configs():
+    assert bl in pallas_gpu.BLOCK_CHOICES and ht in pallas_gpu.HEAD_TILES
+    assert dp & (dp - 1) == 0 and hp & (hp - 1) == 0 and hp % ht == 0
+
+
+@pytest.mark.parametrize("cfg,shape", _gpu_configs(), ids=str)
+def test_gpu_lowers_every_config(cfg, shape):
+  L, D, H, dtype = shape
+  # Segments mode; lengths mode is the same kernel with S = 1 (lowered below).
+  fn, args = _train_step("pallas_gpu", 2, L, D, H, 3, dtype)
+  fn.trace(*args).lower(lowering_platforms=("cuda",))
+
+
+def test_gpu_lowers_split_l():
+  """Few programs -> split-L with the LSE merge (B x S small, L long)."""
+  assert pallas_gpu.num_splits(1, 1, 1, 8192, 16) > 1
+  fn, args = _train_step("pallas_gpu", 1, 8192, 128, 4, 0, jnp.bfloat16)
+  fn.trace(*args).lower(lowering_platforms=("cuda",))
+
+
+def test_lowering_rejects_a_bad_block():
+  """The check is real: a block that breaks the tiling rules fails here."""
+  fn, args = _train_step("pallas_tpu", 2, 300, 64, 4, 0, jnp.float32, block_l=100)
+  with pytest.raises(Exception, match="divisible by 8 and 128"):
+    jax.export.export(fn, platforms=["tpu"])(*args)
+  fn, args = _train_step("pallas_gpu", 2, 300, 64, 4, 0, jnp.float32, block_l=100)
+  with pytest.raises(Exception, match="power of 2"):
+    fn.trace(*args).lower(lowering_platforms=("cuda",))
