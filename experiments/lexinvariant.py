@@ -1,6 +1,8 @@
-"""Lexinvariant LM study: perplexity against context position (Huang et al. 2023, Figure 3).
+"""Lexinvariant LM studies (Huang et al. 2023): perplexity against context position (Figure 3) and
+zero-shot synthetic in-context tasks (Table 1).
 
-    python -m experiments.lexinvariant                       # default: CPU, minutes, no network
+    python -m experiments.lexinvariant                       # default: the position study, CPU, minutes
+    python -m experiments.lexinvariant tasks                 # LookUp / Permutation on the same models
     python -m experiments.lexinvariant --data FILE_OR_DIR    # the same study on your text
     python -m experiments.lexinvariant --config paper        # 150M-parameter config for GPU/TPU
     python -m experiments.lexinvariant train.steps=1000 model.d_model=256   # any config key
@@ -123,13 +125,22 @@ def plot(losses: dict, window: int, path: str, title: str) -> None:
     plt.close(fig)
 
 
+STUDIES = ("position", "tasks")
+
+
 def main(argv=None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    study = argv.pop(0) if argv and argv[0] in STUDIES else "position"
     args, cfg = parse_study_args(__doc__.splitlines()[0], get_config, "runs/lexinvariant", argv)
     workdir = args.workdir
-    _, train, valid, rows = prepare(cfg, workdir)
+    tok, train, valid, rows = prepare(cfg, workdir)
+    models = {kind: train_kind(cfg, kind, train, valid, workdir) for kind in cfg.study.kinds}
+    if study == "tasks":
+        from experiments import lexinvariant_tasks
+        sample = "".join(tok.decode(train.tokens[i]) for i in range(min(200, train.num_rows)))
+        return lexinvariant_tasks.run(cfg, models, tok, sample, workdir)
     losses, info = {}, {}
-    for kind in cfg.study.kinds:
-        task, trainer, state = train_kind(cfg, kind, train, valid, workdir)
+    for kind, (task, trainer, state) in models.items():
         losses[kind] = position_losses(task, trainer, state["params"], rows)
         info[kind] = {"parameters": parameter_count(state["params"]),
                       "train_seconds": getattr(trainer, "train_seconds", None),

@@ -63,3 +63,18 @@ def test_paper_config_is_150m_parameters():
     n = sum(np.prod(x.shape) for x in jax.tree.leaves(nn.unbox(shapes)))
     assert 140e6 < n < 160e6, n
     assert cfg.optim.name == "adafactor" and cfg.model.position == "t5" and cfg.train.steps == 250_000
+
+
+def test_tasks_study_reuses_models_and_writes_table(tmp_path, capsys):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"k{i % 7}->v{i % 5} " * 3 + "\n" for i in range(4000)))
+    wd = tmp_path / "run"
+    table = lexinvariant.main(["tasks", "--config", "tiny", "--workdir", str(wd), "--data", str(corpus),
+                               "train.steps=4", "train.progress=False"])
+    out = capsys.readouterr().out
+    assert "lookup/uniform" in out and "permutation/frequency" in out
+    assert set(table) == {"lookup/uniform", "lookup/frequency", "permutation/uniform", "permutation/frequency"}
+    assert all(0.0 <= v <= 1.0 for row in table.values() for v in row.values())
+    saved = json.load(open(wd / "tasks.json"))
+    assert saved["examples"] == 40 and (wd / "tasks.png").stat().st_size > 3000
+    assert (wd / "standard" / "checkpoints").is_dir()
