@@ -179,8 +179,13 @@ class Trainer:
         updates, opt_state = self.tx.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
         # A non-finite loss or gradient leaves the state as it was; the host loop stops and reports it.
+        # (train.guard_nonfinite=False saves that extra pass over params and optimizer state; the loop
+        # still stops, but the state of the bad step is then not kept.)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+        if self.cfg.train.get("guard_nonfinite", True):
+            keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+        else:
+            keep = lambda new, old: new
         new_state = {"step": state["step"] + 1, "params": keep(new_params, params),
                      "opt_state": keep(opt_state, state["opt_state"]), "rng": state["rng"]}
         metrics = dict(metrics, loss=loss, grad_norm=grad_norm, lr=self.schedule(state["step"]))
