@@ -3,6 +3,7 @@ zero-shot synthetic in-context tasks (Table 1).
 
     python -m experiments.lexinvariant                       # default: the position study, CPU, minutes
     python -m experiments.lexinvariant tasks                 # LookUp / Permutation on the same models
+    python -m experiments.lexinvariant semi                  # semi-lexinvariant p in {0, 0.1, 0.2}: ppl + tasks
     python -m experiments.lexinvariant --data FILE_OR_DIR    # the same study on your text
     python -m experiments.lexinvariant --config paper        # 150M-parameter config for GPU/TPU
     python -m experiments.lexinvariant train.steps=1000 model.d_model=256   # any config key
@@ -63,8 +64,15 @@ def prepare(cfg, workdir: str):
 
 
 def train_kind(cfg, kind: str, train, valid, workdir: str):
+    """kind: 'standard', 'lexinvariant', or 'semiP' (semi-lexinvariant with substitution probability P)."""
     c = copy.deepcopy(cfg)
-    c.model.kind = kind
+    if kind.startswith("semi"):
+        try:
+            c.model.update(kind="semi", semi_p=float(kind[4:]))
+        except ValueError:
+            raise ValueError(f"model kind {kind!r}: write semi-lexinvariant kinds as semiP, e.g. semi0.1") from None
+    else:
+        c.model.kind = kind
     task = LanguageModelTask(c.model, c.data.seq_len)
     trainer = Trainer(task, c, os.path.join(workdir, kind))
     state = trainer.fit(train, valid, desc=kind)
@@ -125,7 +133,7 @@ def plot(losses: dict, window: int, path: str, title: str) -> None:
     plt.close(fig)
 
 
-STUDIES = ("position", "tasks")
+STUDIES = ("position", "tasks", "semi")
 
 
 def main(argv=None) -> dict:
@@ -134,11 +142,14 @@ def main(argv=None) -> dict:
     args, cfg = parse_study_args(__doc__.splitlines()[0], get_config, "runs/lexinvariant", argv)
     workdir = args.workdir
     tok, train, valid, rows = prepare(cfg, workdir)
-    models = {kind: train_kind(cfg, kind, train, valid, workdir) for kind in cfg.study.kinds}
-    if study == "tasks":
+    kinds = cfg.study.semi_kinds if study == "semi" else cfg.study.kinds
+    models = {kind: train_kind(cfg, kind, train, valid, workdir) for kind in kinds}
+    if study in ("tasks", "semi"):
         from experiments import lexinvariant_tasks
         sample = "".join(tok.decode(train.tokens[i]) for i in range(min(200, train.num_rows)))
-        return lexinvariant_tasks.run(cfg, models, tok, sample, workdir)
+        accuracy = lexinvariant_tasks.run(cfg, models, tok, sample, workdir, name=study)
+        if study == "tasks":
+            return accuracy
     losses, info = {}, {}
     for kind, (task, trainer, state) in models.items():
         losses[kind] = position_losses(task, trainer, state["params"], rows)
@@ -156,10 +167,13 @@ def main(argv=None) -> dict:
         "data": cfg.data.source, "tokenizer": cfg.data.tokenizer, "machine": machine(),
         "config": cfg.to_dict(),
     }
-    write_json(os.path.join(workdir, "results.json"), results)
-    plot(losses, cfg.study.smooth, os.path.join(workdir, "perplexity_vs_position.png"),
+    prefix = "" if study == "position" else f"{study}_"
+    if study == "semi":
+        results["tasks"] = accuracy
+    write_json(os.path.join(workdir, f"{prefix}results.json"), results)
+    plot(losses, cfg.study.smooth, os.path.join(workdir, f"{prefix}perplexity_vs_position.png"),
          f"{cfg.data.source} ({unit}-level), {cfg.train.steps} steps")
-    print(f"\nresults: {os.path.abspath(workdir)}  (results.json, perplexity_vs_position.png)")
+    print(f"\nresults: {os.path.abspath(workdir)}  ({prefix}results.json, {prefix}perplexity_vs_position.png)")
     return results
 
 

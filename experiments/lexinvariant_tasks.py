@@ -40,26 +40,27 @@ def answer_accuracy(task, trainer, params, source: ExampleSource) -> float:
     return float(sums[0] / max(sums[1], 1.0))
 
 
-def run(cfg, models: dict, tokenizer, corpus_text: str, workdir: str) -> dict:
+def run(cfg, models: dict, tokenizer, corpus_text: str, workdir: str, name: str = "tasks") -> dict:
     """models: kind -> (task, trainer, state). Returns {task/weighting: {kind: accuracy}}."""
     weights = {"uniform": None, "frequency": synthetic.frequency_weights(corpus_text)}
     table = {}
-    for name, kwargs in TASK_ARGS.items():
+    for task_name, kwargs in TASK_ARGS.items():
         for wname, w in weights.items():
-            examples = synthetic.make_examples(name, cfg.study.task_examples, seed=cfg.seed + 17, weights=w, **kwargs)
+            examples = synthetic.make_examples(task_name, cfg.study.task_examples, seed=cfg.seed + 17, weights=w,
+                                               **kwargs)
             batch = synthetic.encode_examples(examples, tokenizer)
             row = {}
             for kind, (task, trainer, state) in models.items():
                 row[kind] = answer_accuracy(task, trainer, state["params"], ExampleSource(batch, cfg.train.batch_size))
-            table[f"{name}/{wname}"] = row
+            table[f"{task_name}/{wname}"] = row
     kinds = list(models)
     print(f"\nzero-shot answer-token accuracy (%), {cfg.study.task_examples} examples per cell")
     print(f"{'task':>24}" + "".join(f"{k:>14}" for k in kinds))
     for cell, row in table.items():
         print(f"{cell:>24}" + "".join(f"{100 * row[k]:>14.1f}" for k in kinds))
-    write_json(os.path.join(workdir, "tasks.json"), {"accuracy": table, "examples": cfg.study.task_examples,
-                                                     "task_args": TASK_ARGS})
-    _plot(table, kinds, os.path.join(workdir, "tasks.png"))
+    write_json(os.path.join(workdir, f"{name}.json"), {"accuracy": table, "examples": cfg.study.task_examples,
+                                                       "task_args": TASK_ARGS})
+    _plot(table, kinds, os.path.join(workdir, f"{name}.png"))
     return table
 
 

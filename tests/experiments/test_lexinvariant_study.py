@@ -78,3 +78,19 @@ def test_tasks_study_reuses_models_and_writes_table(tmp_path, capsys):
     saved = json.load(open(wd / "tasks.json"))
     assert saved["examples"] == 40 and (wd / "tasks.png").stat().st_size > 3000
     assert (wd / "standard" / "checkpoints").is_dir()
+
+
+def test_semi_study_trains_p_values_and_reports_ppl_and_tasks(tmp_path, capsys):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"a{i % 9} = b{i % 4}\n" for i in range(8000)))
+    wd = tmp_path / "run"
+    res = lexinvariant.main(["semi", "--config", "tiny", "--workdir", str(wd), "--data", str(corpus),
+                             "train.steps=3", "train.progress=False", "study.semi_kinds=['standard','semi0.5']"])
+    out = capsys.readouterr().out
+    assert "semi0.5" in out and "lookup/uniform" in out
+    assert set(res["ppl"]) == {"standard", "semi0.5"} and set(res["tasks"]["lookup/uniform"]) == {"standard", "semi0.5"}
+    assert (wd / "semi_results.json").exists() and (wd / "semi_perplexity_vs_position.png").exists()
+    assert (wd / "semi.json").exists() and (wd / "semi.png").exists()
+    with pytest.raises(ValueError, match="semiP"):
+        lexinvariant.main(["semi", "--config", "tiny", "--workdir", str(wd), "--data", str(corpus),
+                           "study.semi_kinds=['semix']"])
