@@ -4,6 +4,7 @@ zero-shot synthetic in-context tasks (Table 1).
     python -m experiments.lexinvariant                       # default: the position study, CPU, minutes
     python -m experiments.lexinvariant tasks                 # LookUp / Permutation on the same models
     python -m experiments.lexinvariant semi                  # semi-lexinvariant p in {0, 0.1, 0.2}: ppl + tasks
+    python -m experiments.lexinvariant decipher              # probe + key recovery on ciphered text
     python -m experiments.lexinvariant --data FILE_OR_DIR    # the same study on your text
     python -m experiments.lexinvariant --config paper        # 150M-parameter config for GPU/TPU
     python -m experiments.lexinvariant train.steps=1000 model.d_model=256   # any config key
@@ -133,7 +134,7 @@ def plot(losses: dict, window: int, path: str, title: str) -> None:
     plt.close(fig)
 
 
-STUDIES = ("position", "tasks", "semi")
+STUDIES = ("position", "tasks", "semi", "decipher")
 
 
 def main(argv=None) -> dict:
@@ -142,8 +143,12 @@ def main(argv=None) -> dict:
     args, cfg = parse_study_args(__doc__.splitlines()[0], get_config, "runs/lexinvariant", argv)
     workdir = args.workdir
     tok, train, valid, rows = prepare(cfg, workdir)
-    kinds = cfg.study.semi_kinds if study == "semi" else cfg.study.kinds
+    kinds = {"semi": cfg.study.semi_kinds, "decipher": ["lexinvariant"]}.get(study, cfg.study.kinds)
     models = {kind: train_kind(cfg, kind, train, valid, workdir) for kind in kinds}
+    if study == "decipher":
+        from experiments import lexinvariant_decipher
+        task, _, state = models["lexinvariant"]
+        return lexinvariant_decipher.run(cfg, task, state, train, rows, workdir)
     if study in ("tasks", "semi"):
         from experiments import lexinvariant_tasks
         sample = "".join(tok.decode(train.tokens[i]) for i in range(min(200, train.num_rows)))

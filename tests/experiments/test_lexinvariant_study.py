@@ -94,3 +94,15 @@ def test_semi_study_trains_p_values_and_reports_ppl_and_tasks(tmp_path, capsys):
     with pytest.raises(ValueError, match="semiP"):
         lexinvariant.main(["semi", "--config", "tiny", "--workdir", str(wd), "--data", str(corpus),
                            "study.semi_kinds=['semix']"])
+
+
+def test_decipher_study_trains_probe_with_frozen_lm(tmp_path, capsys):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"the cat sat on mat {i % 11}\n" for i in range(4000)))
+    wd = tmp_path / "run"
+    res = lexinvariant.main(["decipher", "--config", "tiny", "--workdir", str(wd), "--data", str(corpus),
+                             "train.steps=3", "train.progress=False"])
+    assert "key precision" in capsys.readouterr().out
+    assert len(res["key_precision"]) == 4 and all(0 <= p <= 1 for p in res["key_precision"])
+    assert (wd / "decipher.json").exists() and (wd / "decipher.png").exists()
+    assert res["probe_steps"] == 4
