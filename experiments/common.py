@@ -50,3 +50,14 @@ def machine() -> dict:
             "num_devices": jax.device_count(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
             "python": platform.python_version(), "jax": jax.__version__,
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")}
+
+
+def run_cli(main) -> None:
+    """Runs a study's main(); bad input (ValueError, KeyError, FileNotFoundError) becomes one line on
+    stderr and exit status 2, with no traceback."""
+    import sys
+    try:
+        main()
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
+        sys.exit(2)

@@ -15,12 +15,11 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import sys
 import time
 
 import numpy as np
 
-from experiments.common import machine, parse_study_args, save_figure, write_json
+from experiments.common import machine, parse_study_args, run_cli, save_figure, write_json
 from experiments.configs.kge import get_config
 from jaxemb.config import apply_overrides
 from jaxemb.data import kg
@@ -163,8 +162,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, KeyError, FileNotFoundError) as e:
-        print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main)

@@ -22,7 +22,7 @@ import sys
 
 import numpy as np
 
-from experiments.common import machine, parse_study_args, save_figure, write_json
+from experiments.common import machine, parse_study_args, run_cli, save_figure, write_json
 from experiments.configs.lexinvariant import get_config
 from jaxemb.data import text
 from jaxemb.models.lexinvariant import LanguageModelTask, parameter_count
@@ -183,8 +183,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, KeyError, FileNotFoundError) as e:
-        print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main)

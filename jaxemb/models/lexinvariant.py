@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxemb.nn.embeddings import LexinvariantEmbedding, TokenEmbedding, token_nll  # noqa: F401
+from jaxemb.nn.embeddings import LexinvariantEmbedding, TokenEmbedding
 from jaxemb.nn.transformer import Transformer, TransformerConfig
 
 KINDS = ("standard", "lexinvariant", "semi")

@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxemb.nn.lexinvariant_vectors import blockwise_nll, sequence_keys, sequence_tables, token_vectors  # noqa: F401
+from jaxemb.nn.lexinvariant_vectors import blockwise_nll, sequence_keys, token_vectors
 
 
 class TokenEmbedding(nn.Module):

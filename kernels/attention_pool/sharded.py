@@ -1,6 +1,5 @@
 """Batch-sharded attention pooling: Pallas calls are not auto-partitioned by XLA,
 so the call is wrapped in ``jax.shard_map`` over the batch axis of a mesh."""
-import functools
 
 import jax
 from jax.sharding import PartitionSpec as P

@@ -10,7 +10,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from attention_pool_cases import TOL, make_inputs, np_pool
-from kernels import attention_pool, attention_pool_sharded
+from kernels import attention_pool_sharded
 from kernels.attention_pool import reference
 
 

@@ -1,12 +1,12 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from experiments.configs.lexinvariant import get_config
 from jaxemb.data import text
-from jaxemb.models.lexinvariant import LanguageModelTask, semi_lexinvariant_substitute, token_nll
-from jaxemb.nn.embeddings import sequence_tables
+from jaxemb.models.lexinvariant import LanguageModelTask, semi_lexinvariant_substitute
+from jaxemb.nn.embeddings import token_nll
+from jaxemb.nn.lexinvariant_vectors import sequence_tables
 from jaxemb.train import Trainer
 
 
