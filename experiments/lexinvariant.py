@@ -5,6 +5,8 @@ zero-shot synthetic in-context tasks (Table 1).
     python -m experiments.lexinvariant tasks                 # LookUp / Permutation on the same models
     python -m experiments.lexinvariant semi                  # semi-lexinvariant p in {0, 0.1, 0.2}: ppl + tasks
     python -m experiments.lexinvariant decipher              # probe + key recovery on ciphered text
+    python -m experiments.lexinvariant corpora               # ppl vs position: corpora x {byte, sentencepiece}
+    python -m experiments.lexinvariant all                   # every study above (~30 min on a 2-core CPU)
     python -m experiments.lexinvariant --data FILE_OR_DIR    # the same study on your text
     python -m experiments.lexinvariant --config paper        # 150M-parameter config for GPU/TPU
     python -m experiments.lexinvariant train.steps=1000 model.d_model=256   # any config key
@@ -134,14 +136,22 @@ def plot(losses: dict, window: int, path: str, title: str) -> None:
     plt.close(fig)
 
 
-STUDIES = ("position", "tasks", "semi", "decipher")
+STUDIES = ("position", "tasks", "semi", "decipher", "corpora", "all")
 
 
 def main(argv=None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     study = argv.pop(0) if argv and argv[0] in STUDIES else "position"
     args, cfg = parse_study_args(__doc__.splitlines()[0], get_config, "runs/lexinvariant", argv)
-    workdir = args.workdir
+    if study == "all":  # every study, sharing the trained models in one workdir
+        return {s: run_study(s, copy.deepcopy(cfg), args.workdir) for s in STUDIES[:-1]}
+    return run_study(study, cfg, args.workdir)
+
+
+def run_study(study: str, cfg, workdir: str) -> dict:
+    if study == "corpora":
+        from experiments import lexinvariant_corpora
+        return lexinvariant_corpora.run(cfg, workdir)
     tok, train, valid, rows = prepare(cfg, workdir)
     kinds = {"semi": cfg.study.semi_kinds, "decipher": ["lexinvariant"]}.get(study, cfg.study.kinds)
     models = {kind: train_kind(cfg, kind, train, valid, workdir) for kind in kinds}

@@ -1,9 +1,20 @@
 """Configs for `python -m experiments.lexinvariant`: `default` (CPU, minutes), `tiny` (tests), `paper`."""
 from __future__ import annotations
 
+import os
+
 import ml_collections
 
 from jaxemb.train import core_config
+
+
+SHAKESPEARE = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data", "text", "tinyshakespeare.txt")
+
+
+def default_corpora() -> list:
+    """The embedded code and prose corpora, plus tiny Shakespeare where ../shared/data is beside the checkout."""
+    extra = [os.path.normpath(SHAKESPEARE)] if os.path.exists(SHAKESPEARE) else []
+    return ["stdlib", "pydoc"] + extra
 
 
 def get_config(name: str = "default") -> ml_collections.ConfigDict:
@@ -14,7 +25,9 @@ def get_config(name: str = "default") -> ml_collections.ConfigDict:
                    mlp_dim=512, position="rope", tied=True, scale_bias=True, semi_p=0.0, remat=False,
                    readout_block=0)  # readout_block > 0: lexinvariant readout streamed over vocabulary blocks
     c.study = dict(kinds=["standard", "lexinvariant"], semi_kinds=["standard", "semi0.1", "semi0.2"], bins=8,
-                   smooth=9, task_examples=1000, probe_steps=200, probe_hidden=256, decipher_window=32)
+                   smooth=9, task_examples=1000, probe_steps=200, probe_hidden=256, decipher_window=32,
+                   corpora=default_corpora(), corpora_tokenizers=["byte", "sentencepiece"],
+                   corpora_steps=100, corpora_spm_vocab=2048)
     c.train.update(steps=300, batch_size=32, log_every=20, eval_every=150, eval_batches=2,
                    checkpoint_every=150)
     c.optim.update(lr=3e-3, end_lr=3e-4, warmup_steps=40)
@@ -22,7 +35,7 @@ def get_config(name: str = "default") -> ml_collections.ConfigDict:
         pass
     elif name == "tiny":
         c.data.update(max_chars=300_000, seq_len=32, eval_rows=32)
-        c.study.update(task_examples=40, probe_steps=4, decipher_window=8)
+        c.study.update(task_examples=40, probe_steps=4, decipher_window=8, corpora_steps=3, corpora_spm_vocab=400)
         c.model.update(d_model=32, num_layers=2, num_heads=2, head_dim=16, mlp_dim=64)
         c.train.update(steps=20, batch_size=8, log_every=5, eval_every=10, checkpoint_every=10)
         c.optim.update(warmup_steps=5)
@@ -30,7 +43,7 @@ def get_config(name: str = "default") -> ml_collections.ConfigDict:
         # 150M parameters: 12 layers, 8 heads x 128, MLP 4096, T5 relative position bias, sequence 512,
         # batch 64, Adafactor with cosine decay 1e-2 -> 1e-3 over 250k steps. FSDP over all devices.
         c.data.update(max_chars=0, seq_len=512, eval_rows=2048)
-        c.study.update(probe_steps=5000, decipher_window=100)
+        c.study.update(probe_steps=5000, decipher_window=100, corpora_steps=250_000, corpora_spm_vocab=32000)
         c.model.update(d_model=1024, num_layers=12, num_heads=8, head_dim=128, mlp_dim=4096, position="t5",
                        remat=True)
         c.mesh.shape = dict(data=1, fsdp=-1, tensor=1)

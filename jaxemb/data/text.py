@@ -55,7 +55,8 @@ class SentencePieceTokenizer:
             sentence_iterator=lines, model_writer=buf, vocab_size=vocab_size, model_type="unigram",
             byte_fallback=True, character_coverage=0.9995, input_sentence_size=max_chars // 100,
             shuffle_input_sentence=True, max_sentence_length=16384, minloglevel=2,
-            normalization_rule_name="identity", remove_extra_whitespaces=False, split_digits=True)
+            normalization_rule_name="identity", remove_extra_whitespaces=False, split_digits=True,
+            hard_vocab_limit=False)  # a small corpus may support fewer pieces than asked for
         os.makedirs(os.path.dirname(os.path.abspath(model_file)), exist_ok=True)
         tmp = model_file + ".tmp"
         with open(tmp, "wb") as f:

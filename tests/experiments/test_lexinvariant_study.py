@@ -106,3 +106,30 @@ def test_decipher_study_trains_probe_with_frozen_lm(tmp_path, capsys):
     assert len(res["key_precision"]) == 4 and all(0 <= p <= 1 for p in res["key_precision"])
     assert (wd / "decipher.json").exists() and (wd / "decipher.png").exists()
     assert res["probe_steps"] == 4
+
+
+def test_corpora_study_overlays_byte_and_sentencepiece(tmp_path, capsys):
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("".join(f"def f{i % 13}(x):\n    return x + {i % 7}\n" for i in range(3000)))
+    b.write_text("".join(f"To be or not to be, line {i % 17}.\n" for i in range(3000)))
+    wd = tmp_path / "run"
+    res = lexinvariant.main(["corpora", "--config", "tiny", "--workdir", str(wd), "train.progress=False",
+                             f"study.corpora=['{a}', '{b}']"])
+    assert "a-sentencepiece" in capsys.readouterr().out
+    assert {r["corpus"] for r in res["table"]} == {"a-byte", "a-sentencepiece", "b-byte", "b-sentencepiece"}
+    vocab = {r["corpus"]: r["vocab"] for r in res["table"]}
+    assert vocab["a-byte"] == vocab["b-byte"] == 256 and 256 < vocab["a-sentencepiece"] <= 400
+    assert len(res["curves"]) == 8 and all(len(v) == 32 for v in res["curves"].values())
+    assert (wd / "corpora.png").stat().st_size > 5000 and (wd / "corpora.json").exists()
+
+
+def test_all_runs_every_study_in_one_workdir(tmp_path):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("".join(f"x{i % 9} -> y{i % 5}\n" for i in range(6000)))
+    wd = tmp_path / "run"
+    out = lexinvariant.main(["all", "--config", "tiny", "--workdir", str(wd), "--data", str(corpus),
+                             "train.steps=2", "train.progress=False", "study.semi_kinds=['standard','semi0.2']",
+                             f"study.corpora=['{corpus}']", "study.corpora_tokenizers=['byte']"])
+    assert set(out) == {"position", "tasks", "semi", "decipher", "corpora"}
+    for name in ("results.json", "tasks.json", "semi_results.json", "decipher.json", "corpora.json"):
+        assert (wd / name).exists(), name
