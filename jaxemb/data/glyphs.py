@@ -28,6 +28,7 @@ import os
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
+from jaxemb.data.files import sha256_file
 from jaxemb.data.unicode_tokenizer import UnicodeTokenizer, is_char_id
 
 CACHE_VERSION = 1
@@ -35,14 +36,6 @@ UNIFONT_PATHS = ("/usr/share/unifont/unifont.hex",)
 INSTALL_HINT = ("install GNU Unifont (Debian/Ubuntu: `apt-get install unifont`, which ships "
                 "/usr/share/unifont/unifont.hex) or pass any .ttf/.otf file, e.g. matplotlib's "
                 "mpl-data/fonts/ttf/DejaVuSans.ttf (`pip install matplotlib`)")
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _blank(cell):
@@ -68,7 +61,7 @@ def _read_hex(path: str, size: int, mtime: int):
                          f"{INSTALL_HINT}") from None
     if not rows:
         raise ValueError(f"font file {path!r} holds no glyphs; {INSTALL_HINT}")
-    return rows, _sha256(path)
+    return rows, sha256_file(path)
 
 
 class UnifontHex:
@@ -109,7 +102,7 @@ class PillowFont:
         except OSError as e:
             raise ValueError(f"font file {path!r} cannot be read as a TrueType/OpenType font ({e}); "
                              f"{INSTALL_HINT}") from None
-        self.sha256 = _sha256(path)
+        self.sha256 = sha256_file(path)
         self._notdef = self._draw(chr(0x10FFFD)).tobytes()  # a private-use character no font maps
 
     def _draw(self, ch: str) -> np.ndarray:

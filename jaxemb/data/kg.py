@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from jaxemb.data.files import sha256_file
+
 SPLITS = ("train", "valid", "test")
 
 
@@ -245,14 +247,6 @@ SHA256 = {
                 "2b337a62e51a2f45c283eac98a70d21b7e0e102136be1539b2a52c652a7b0530",
                 "3971085165b47b6aeaec68058c6d8d98b3005e929db81268410b95ae4db770ab"),
 }
-
-
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def fetch(url: str, dest: str, sha256: str | None = None, timeout: float = 60) -> str:
