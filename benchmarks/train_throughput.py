@@ -169,4 +169,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    from jaxemb.runtime import use_tcmalloc
+    use_tcmalloc()  # same allocator as the experiments (see jaxemb/runtime.py)
     main()

@@ -65,6 +65,13 @@ def _cast_floats(tree, dtype):
     return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
+def _squared_norm(g):
+    """sum(g * g) in float32, reduced over the last axis first: XLA:CPU fuses that into one pass, while a
+    whole-array sum of squares first wrote g * g out (~10 ms per step on the NFE-1 WN18RR tables)."""
+    g = g.reshape(-1, g.shape[-1]) if g.ndim else g.reshape(1, 1)
+    return jnp.sum(jnp.sum(g * g, -1, dtype=jnp.float32))
+
+
 class Trainer:
     """Trains `task` as `cfg` says. cfg sections: seed, mesh, rules, train, optim, distributed."""
 
@@ -175,12 +182,13 @@ class Trainer:
             zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), ((zeros[1], zeros[0][0], zeros[0][1])))
             (grads, loss, metrics), _ = jax.lax.scan(body, zeros, (jnp.arange(accum), micro))
             grads, loss, metrics = jax.tree.map(lambda x: x / accum, (grads, loss, metrics))
-        grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
+        grad_norm = jnp.sqrt(sum(_squared_norm(g) for g in jax.tree.leaves(grads)))
         updates, opt_state = self.tx.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
-        # A non-finite loss or gradient leaves the state as it was; the host loop stops and reports it.
-        # (train.guard_nonfinite=False saves that extra pass over params and optimizer state; the loop
-        # still stops, but the state of the bad step is then not kept.)
+        # fit() stops on a non-finite loss or gradient norm before it checkpoints that step, so by default
+        # the step is not guarded. train.guard_nonfinite=True (for hand-written loops over train_step) keeps
+        # params and optimizer state as they were instead; it costs an extra pass over both (NFE-1 WN18RR:
+        # 221 vs 200 ms per step on a 2-core CPU).
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         if self.cfg.train.get("guard_nonfinite", True):
             keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)

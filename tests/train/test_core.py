@@ -141,3 +141,20 @@ def test_exponential_schedule_decays_per_epoch():
     c.update(schedule="exponential", lr=0.01, decay_steps=10, decay_rate=0.9, warmup_steps=0)
     s = make_schedule(c, 100)
     np.testing.assert_allclose([float(s(i)) for i in (0, 9, 10, 25)], [0.01, 0.01, 0.009, 0.0081], rtol=1e-6)
+
+
+@pytest.mark.parametrize("guard", [True, False])
+def test_guard_nonfinite_keeps_state_of_a_bad_step(tmp_path, guard):
+    data = regression_data()
+    data["x"][:16, 0] = np.nan  # the first batch
+    cfg = _cfg(steps=2, guard_nonfinite=guard)
+    tr = Trainer(Regression(), cfg, str(tmp_path))
+    src = ArraySource(data, 16)
+    state = tr.init_state(tr.put_batch(src, 0))
+    before = jax.device_get(state["params"])
+    state, metrics = tr.train_step(state, tr.put_batch(src, 0))
+    after = jax.device_get(state["params"])
+    assert not np.isfinite(float(metrics["loss"]))
+    same = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)))
+    assert same == guard
+    assert int(state["step"]) == 1
