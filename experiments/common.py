@@ -54,8 +54,12 @@ def machine() -> dict:
 
 def run_cli(main) -> None:
     """Runs a study's main(); bad input (ValueError, KeyError, FileNotFoundError) becomes one line on
-    stderr and exit status 2, with no traceback."""
+    stderr and exit status 2, with no traceback. On CPU-only machines it first re-runs the command once with
+    tcmalloc preloaded (jaxemb/runtime.py)."""
     import sys
+
+    from jaxemb.runtime import use_tcmalloc
+    use_tcmalloc()
     try:
         main()
     except (ValueError, KeyError, FileNotFoundError) as e:

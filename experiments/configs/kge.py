@@ -4,7 +4,7 @@
   tiny                    for tests: a few epochs at dimension 8
   paper                   the reference code's settings for --dataset and --model (default WN18RR nfe1)
   paper-<dataset>-<model> the same by name, e.g. paper-wn18rr-nfe1, paper-fb15k-237-nfe2, paper-yago3-10-nfe1
-  cpu-wn18rr              NFE-1 on WN18RR at dimension 256 (the benchmark setting), CPU-feasible quality run
+  cpu-wn18rr              NFE-1 on WN18RR at dimension 64, softmax loss, 10 epochs: a CPU-feasible quality run
 """
 from __future__ import annotations
 
@@ -100,9 +100,11 @@ def get_config(name: str = "default", dataset: str | None = None, model: str | N
     elif name.startswith("paper-"):
         ds, _, m = name[len("paper-"):].rpartition("-")
         c = paper_config(ds, m)
-    elif name == "cpu-wn18rr":
+    elif name == "cpu-wn18rr":  # ~105 s per epoch on a 2-core CPU
+        # Softmax cross-entropy instead of the reference's summed logistic loss: at this size and length
+        # the logistic loss stays at valid MRR ~0.02 for the first 3 epochs, softmax reaches 0.19 in one.
         c = paper_config("WN18RR", "nfe1")
-        c.model.dim = 256
+        c.model.update(dim=64, loss="softmax")
         c.study.epochs = 10
     else:
         raise ValueError(f"unknown config {name!r}; expected default, tiny, paper, paper-<dataset>-<model> "

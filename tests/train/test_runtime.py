@@ -35,3 +35,13 @@ def test_reruns_at_most_once():
     # the guard variable stops a second re-run even when the preload did not take
     out = _run({"JAXEMB_TCMALLOC_REEXEC": "1"})
     assert out.stdout.strip() == "loaded False"
+
+
+def test_study_entry_points_rerun_with_tcmalloc():
+    # every `python -m experiments.<study>` goes through run_cli
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "JAXEMB_TCMALLOC_REEXEC")}
+    code = ("from experiments.common import run_cli; from jaxemb import runtime; "
+            "run_cli(lambda: print('loaded', runtime.tcmalloc_loaded()))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=120, check=True)
+    assert out.stdout.strip() == "loaded True", out.stderr
