@@ -16,7 +16,7 @@ import time
 import jax
 import numpy as np
 
-from experiments.common import machine
+from experiments.common import machine, run_cli
 from experiments.configs.glyph import get_config
 from jaxemb.data import glyphs
 from jaxemb.data.unicode_tokenizer import UnicodeTokenizer
@@ -96,6 +96,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from jaxemb.runtime import use_tcmalloc
-    use_tcmalloc()  # same allocator as the experiments (see jaxemb/runtime.py)
-    main()
+    run_cli(main)  # tcmalloc re-run and one-line errors, as the experiments

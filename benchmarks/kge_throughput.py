@@ -20,7 +20,7 @@ import time
 import jax
 
 from experiments import kge
-from experiments.common import machine, write_json
+from experiments.common import machine, run_cli, write_json
 from experiments.configs.kge import get_config
 from jaxemb.data import kg
 
@@ -104,6 +104,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    from jaxemb.runtime import use_tcmalloc
-    use_tcmalloc()  # same allocator as the experiments (see jaxemb/runtime.py)
-    main()
+    run_cli(main)  # tcmalloc re-run and one-line errors, as the experiments

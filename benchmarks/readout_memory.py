@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.common import machine, save_figure, write_json
+from experiments.common import machine, run_cli, save_figure, write_json
 from jaxemb.nn.embeddings import token_nll
 from jaxemb.nn.lexinvariant_vectors import blockwise_nll, sequence_keys, sequence_tables
 
@@ -173,4 +173,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)  # tcmalloc re-run and one-line errors, as the experiments

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.common import machine, write_json
+from experiments.common import machine, run_cli, write_json
 from experiments.configs.lexinvariant import get_config
 from jaxemb.models.lexinvariant import LanguageModelTask, parameter_count
 from jaxemb.train import Trainer
@@ -169,6 +169,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from jaxemb.runtime import use_tcmalloc
-    use_tcmalloc()  # same allocator as the experiments (see jaxemb/runtime.py)
-    main()
+    run_cli(main)  # tcmalloc re-run and one-line errors, as the experiments

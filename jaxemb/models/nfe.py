@@ -138,8 +138,8 @@ def _ova_fwd(q, bq, k, bk, tail, num_valid, loss):
 def _ova_bwd(num_valid, loss, res, ct):
     g, q, k, tail = res
     g = g.at[jnp.arange(g.shape[0]), tail].add(-1.0) * ct[:, None].astype(g.dtype)
-    ones = jnp.ones((g.shape[0],), g.dtype)
-    return [g @ ki for ki in k], g @ jnp.ones((g.shape[1],), g.dtype), [g.T @ qi for qi in q], ones @ g, None
+    column_sums = jnp.ones((g.shape[0],), g.dtype) @ g  # not jnp.sum(g, 0): see the module docstring
+    return [g @ ki for ki in k], jnp.sum(g, 1), [g.T @ qi for qi in q], column_sums, None
 
 
 one_vs_all_loss.defvjp(_ova_fwd, _ova_bwd)
@@ -202,8 +202,13 @@ class KGETask:
         rel = nn.with_logical_partitioning(init, (None, None, None))(kr, (pr, self.num_relations, self.cfg.dim))
         return {"entity": ent, "relation": rel}
 
+    @staticmethod
+    def _entity_rows(params, ids):
+        """(Pe, B, d) rows of every entity part."""
+        return jnp.stack([x[ids] for x in params["entity"]])
+
     def _parts(self, params, head, rel):
-        h = jnp.stack([x[head] for x in params["entity"]])
+        h = self._entity_rows(params, head)
         q, bq = query_part(self.cfg.name, h, params["relation"][:, rel], self.cfg.gamma)
         k, bk = key_part(self.cfg.name, params["entity"])
         return q, bq, k, bk
@@ -220,8 +225,8 @@ class KGETask:
         nll = jnp.sum(w * per) / count
         reg = jnp.zeros(())
         if self.cfg.n3:
-            ent = lambda ids: jnp.stack([x[ids] for x in params["entity"]])
-            rows = (ent(batch["head"]), params["relation"][:, batch["rel"]], ent(batch["tail"]))
+            rows = (self._entity_rows(params, batch["head"]), params["relation"][:, batch["rel"]],
+                    self._entity_rows(params, batch["tail"]))
             reg = self.cfg.n3 * jnp.sum(w * n3(self.cfg.name, *rows)) / count
         return nll + reg, {"nll": nll, "n3": reg}
 

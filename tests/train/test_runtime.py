@@ -9,10 +9,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 PROBE = "from jaxemb import runtime; runtime.use_tcmalloc(); print('loaded', runtime.tcmalloc_loaded())"
 
 
-def _run(env_extra):
+def _run(env_extra, code=PROBE):
     env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "JAXEMB_TCMALLOC_REEXEC")}
     env.update(env_extra)
-    return subprocess.run([sys.executable, "-c", PROBE], cwd=ROOT, env=env, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=120, check=True)
 
 
@@ -39,9 +39,7 @@ def test_reruns_at_most_once():
 
 def test_study_entry_points_rerun_with_tcmalloc():
     # every `python -m experiments.<study>` goes through run_cli
-    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "JAXEMB_TCMALLOC_REEXEC")}
     code = ("from experiments.common import run_cli; from jaxemb import runtime; "
             "run_cli(lambda: print('loaded', runtime.tcmalloc_loaded()))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=120, check=True)
+    out = _run({}, code)
     assert out.stdout.strip() == "loaded True", out.stderr
