@@ -20,7 +20,8 @@ def get_config(name: str = "default") -> ml_collections.ConfigDict:
     # projection 'fixed': the builder keeps the top d_model PCA components; 'learned': 1024 -> d_model matrix;
     # 'none': d_model must be 1024. table_dim: columns of the frozen random table (0 = d_model).
     c.model = dict(kind="glyph", vocab_size=65536, d_model=128, num_layers=2, num_heads=4, head_dim=32,
-                   mlp_dim=512, position="rope", projection="fixed", table_dim=0, random="gaussian", remat=False)
+                   mlp_dim=512, position="rope", projection="fixed", table_dim=0, random="gaussian", remat=False,
+                   query_blocks=0)  # causal attention query blocks, 0 = auto
     c.study = dict(kinds=["glyph", "trainable", "random"], neighbours=5, queries="O0lI1|oSe")
     c.train.update(steps=150, batch_size=16, log_every=10, eval_every=50, eval_batches=2, checkpoint_every=150)
     c.optim.update(lr=3e-3, end_lr=3e-4, warmup_steps=30)

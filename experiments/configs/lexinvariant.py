@@ -23,7 +23,7 @@ def get_config(name: str = "default") -> ml_collections.ConfigDict:
                   seq_len=128, valid_fraction=0.05, eval_rows=256, tfds_data_dir="")
     c.model = dict(kind="standard", vocab_size=256, d_model=128, num_layers=4, num_heads=4, head_dim=32,
                    mlp_dim=512, position="rope", tied=True, scale_bias=True, semi_p=0.0, remat=False,
-                   readout_block=0)  # readout_block > 0: lexinvariant readout streamed over vocabulary blocks
+                   readout_block=0, query_blocks=0)  # query_blocks 0: auto; readout_block > 0: lexinvariant readout streamed over vocabulary blocks
     c.study = dict(kinds=["standard", "lexinvariant"], semi_kinds=["standard", "semi0.1", "semi0.2"], bins=8,
                    smooth=9, task_examples=1000, probe_steps=200, probe_hidden=256, decipher_window=32,
                    corpora=default_corpora(), corpora_tokenizers=["byte", "sentencepiece"],

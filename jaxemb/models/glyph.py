@@ -96,7 +96,7 @@ def build_model(model_cfg, table: np.ndarray | None = None) -> Transformer:
         raise ValueError(f"model.kind={c.kind!r}; expected one of {KINDS}")
     tcfg = TransformerConfig(vocab_size=c.vocab_size, d_model=c.d_model, num_layers=c.num_layers,
                              num_heads=c.num_heads, head_dim=c.head_dim, mlp_dim=c.mlp_dim, position=c.position,
-                             remat=c.remat)
+                             remat=c.remat, query_blocks=c.get("query_blocks", 0))
     if c.kind == "trainable":
         return Transformer(tcfg, TokenEmbedding(c.vocab_size, c.d_model, tied=False))
     if c.kind == "glyph":

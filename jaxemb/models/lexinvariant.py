@@ -35,7 +35,7 @@ def build_model(model_cfg) -> Transformer:
     tcfg = TransformerConfig(
         vocab_size=model_cfg.vocab_size, d_model=model_cfg.d_model, num_layers=model_cfg.num_layers,
         num_heads=model_cfg.num_heads, head_dim=model_cfg.head_dim, mlp_dim=model_cfg.mlp_dim,
-        position=model_cfg.position, remat=model_cfg.remat)
+        position=model_cfg.position, remat=model_cfg.remat, query_blocks=model_cfg.get("query_blocks", 0))
     if kind == "lexinvariant":
         embed = LexinvariantEmbedding(model_cfg.vocab_size, model_cfg.d_model, model_cfg.scale_bias,
                                       model_cfg.get("readout_block", 0))
