@@ -64,27 +64,30 @@ class RandomTokens:
                 "weights": np.ones(t[:, :-1].shape, np.float32)}
 
 
-def bench_jax(cfg, steps: int, warmup: int = 2) -> dict:
+def jax_runner(cfg, warmup: int = 2):
+    """(step, info): step() runs one jaxemb train step to completion; info() gives params, loss, memory."""
     cfg = copy.deepcopy(cfg)
-    cfg.train.update(steps=steps + warmup, checkpoint_every=0, eval_every=0, progress=False)
+    cfg.train.update(steps=10 ** 9, checkpoint_every=0, eval_every=0, progress=False)
     task = LanguageModelTask(cfg.model, cfg.data.seq_len)
     trainer = Trainer(task, cfg, "/tmp/jaxemb_bench_unused")
     src = RandomTokens(cfg.train.batch_size, cfg.data.seq_len, cfg.model.vocab_size)
     batches = [trainer.put_batch(src, i) for i in range(4)]
-    state = trainer.init_state(batches[0])
-    for i in range(warmup):
-        state, m = trainer.train_step(state, batches[i % 4])
-    jax.block_until_ready(m)
-    t = time.perf_counter()
-    for i in range(steps):
-        state, m = trainer.train_step(state, batches[i % 4])
-    jax.block_until_ready(m)
-    dt = (time.perf_counter() - t) / steps
-    return {"step_s": dt, "params": parameter_count(state["params"]), "loss": float(m["loss"]),
-            "peak_memory_bytes": peak_memory_bytes()}
+    box = {"state": trainer.init_state(batches[0]), "i": 0, "m": None}
+
+    def step():
+        box["state"], box["m"] = trainer.train_step(box["state"], batches[box["i"] % 4])
+        box["i"] += 1
+        jax.block_until_ready(box["m"])
+
+    for _ in range(warmup):
+        step()
+    memory = peak_memory_bytes()  # now, before the PyTorch peer allocates in this process
+    return step, lambda: {"params": parameter_count(box["state"]["params"]), "loss": float(box["m"]["loss"]),
+                          "peak_memory_bytes": memory}
 
 
-def bench_torch(cfg, steps: int, warmup: int = 2) -> dict:
+def torch_runner(cfg, warmup: int = 2):
+    """(step, info) for the same model, optimizer and shapes written plainly in PyTorch (CPU)."""
     import torch
     from benchmarks import torch_peer
     torch.manual_seed(0)
@@ -93,14 +96,29 @@ def bench_torch(cfg, steps: int, warmup: int = 2) -> dict:
     src = RandomTokens(cfg.train.batch_size, cfg.data.seq_len, cfg.model.vocab_size)
     data = [(torch.from_numpy(src.tokens[i][:, :-1]).long(), torch.from_numpy(src.tokens[i][:, 1:]).long())
             for i in range(4)]
-    for i in range(warmup):
-        torch_peer.train_step(model, opt, *data[i % 4], cfg.optim.clip_norm)
-    t = time.perf_counter()
-    for i in range(steps):
-        loss = torch_peer.train_step(model, opt, *data[i % 4], cfg.optim.clip_norm)
-    loss.item()
-    dt = (time.perf_counter() - t) / steps
-    return {"step_s": dt, "params": sum(p.numel() for p in model.parameters()), "loss": float(loss)}
+    box = {"i": 0, "loss": None}
+
+    def step():
+        box["loss"] = torch_peer.train_step(model, opt, *data[box["i"] % 4], cfg.optim.clip_norm).item()
+        box["i"] += 1
+
+    for _ in range(warmup):
+        step()
+    return step, lambda: {"params": sum(p.numel() for p in model.parameters()), "loss": box["loss"]}
+
+
+def interleaved_step_times(steps: dict, total: int, rounds: int) -> dict:
+    """Median seconds per step of each runner, timed in alternating rounds (A, B, A, B, ...) so that
+    the drift of a shared or throttled machine falls on all of them alike."""
+    per_round = max(1, total // rounds)
+    times = {name: [] for name in steps}
+    for _ in range(max(1, min(rounds, total))):
+        for name, step in steps.items():
+            t = time.perf_counter()
+            for _ in range(per_round):
+                step()
+            times[name].append((time.perf_counter() - t) / per_round)
+    return {name: float(np.median(v)) for name, v in times.items()}
 
 
 def configs(names, big_batch: int):
@@ -124,8 +142,10 @@ def configs(names, big_batch: int):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", default="default,150M")
-    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--steps", type=int, default=24, help="timed steps per framework, default config")
     p.add_argument("--big-steps", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=6,
+                   help="the timed steps alternate between frameworks in this many rounds (median reported)")
     p.add_argument("--big-batch", type=int, default=4, help="150M batch size on CPU")
     p.add_argument("--no-torch", action="store_true")
     p.add_argument("--workdir", default="runs/bench_train")
@@ -139,14 +159,17 @@ def main(argv=None):
     for name, cfg in cfgs.items():
         steps = args.steps if name == "default" else args.big_steps
         tokens = cfg.train.batch_size * cfg.data.seq_len
-        j = bench_jax(cfg, steps)
-        row = {"config": name, "params": j["params"], "batch": cfg.train.batch_size, "seq": cfg.data.seq_len,
-               "dtype": cfg.train.compute_dtype, "jax_tok_s": tokens / j["step_s"],
-               "mfu": flops_per_token(cfg.model, cfg.data.seq_len, j["params"]) * tokens / j["step_s"] / peak,
-               "peak_mem_gb": j["peak_memory_bytes"] / 2 ** 30}
+        runners = {"jax": jax_runner(cfg)}
         if not args.no_torch and jax.default_backend() == "cpu":
-            t = bench_torch(cfg, steps)
-            row["torch_tok_s"] = tokens / t["step_s"]
+            runners["torch"] = torch_runner(cfg)
+        step_s = interleaved_step_times({k: r[0] for k, r in runners.items()}, steps, args.rounds)
+        j = runners["jax"][1]()
+        row = {"config": name, "params": j["params"], "batch": cfg.train.batch_size, "seq": cfg.data.seq_len,
+               "dtype": cfg.train.compute_dtype, "jax_tok_s": tokens / step_s["jax"],
+               "mfu": flops_per_token(cfg.model, cfg.data.seq_len, j["params"]) * tokens / step_s["jax"] / peak,
+               "peak_mem_gb": j["peak_memory_bytes"] / 2 ** 30}
+        if "torch" in step_s:
+            row["torch_tok_s"] = tokens / step_s["torch"]
             row["ratio"] = row["jax_tok_s"] / row["torch_tok_s"]
         rows.append(row)
         print(json.dumps(row), flush=True)

@@ -79,12 +79,12 @@ class Attention(nn.Module):
         # One fused projection for q, k, v (one large matmul is faster than three small ones).
         qkv = _dense((3, c.num_heads, c.head_dim), ("embed", None, "heads", "kv"), name="qkv")(x)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         # (B, H, L, D) layout: batched matmuls with leading batch dims are the fastest on CPU.
         q, k, v = (_constrain(t.transpose(0, 2, 1, 3), ("batch", "heads", "length", "kv")) for t in (q, k, v))
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if jax.default_backend() == "cpu":
-            # keeps XLA:CPU from fusing the RoPE arithmetic and transposes into the attention matmuls,
+            # keeps XLA:CPU from fusing the transposes and RoPE into the attention matmuls' operand copies,
             # which it then runs slower (default model: 438 -> 386 and 412 -> 372 ms per step, interleaved A/B)
             q, k, v = jax.lax.optimization_barrier((q, k, v))
         blocks = c.query_blocks or query_block_count(q.shape[2])
@@ -186,8 +186,7 @@ class Transformer(nn.Module):
         mask = (causal[None] & same)[:, None]  # (B, 1, L, L)
         rope = rope_tables(segment_positions(segment_ids), c.head_dim) if c.position == "rope" else None
         if rope is not None and jax.default_backend() == "cpu":
-            # computed once here: otherwise XLA:CPU fuses cos/sin into every layer's forward and backward
-            # RoPE fusion and recomputes them there (default model: ~8 -> ~2 ms per layer backward)
+            # computed once here, not recomputed inside every layer's forward and backward RoPE fusions
             rope = jax.lax.optimization_barrier(rope)
         bias = T5RelativeBias(c.num_heads, c.rel_buckets, c.rel_max_distance, name="rel_bias")(length) \
             if c.position == "t5" else None

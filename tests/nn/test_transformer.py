@@ -39,12 +39,12 @@ def test_segment_positions_restart():
 
 def test_rope_matches_float64_reference():
     rng = np.random.default_rng()
-    x = rng.normal(size=(2, 7, 3, 8))
+    x = rng.normal(size=(2, 3, 7, 8))  # (B, H, L, D)
     pos = rng.integers(0, 100, size=(2, 7))
     out = np.asarray(apply_rope(jnp.asarray(x, jnp.float32), *rope_tables(jnp.asarray(pos), 8)))
     half = 4
     freq = 1.0 / 10000.0 ** (np.arange(half) / half)
-    ang = pos[..., None, None] * freq
+    ang = pos[:, None, :, None] * freq
     ref = np.concatenate([x[..., :half] * np.cos(ang) - x[..., half:] * np.sin(ang),
                           x[..., half:] * np.cos(ang) + x[..., :half] * np.sin(ang)], -1)
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
