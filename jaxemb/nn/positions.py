@@ -17,12 +17,22 @@ def segment_positions(segment_ids):
     return idx - first
 
 
-def rope_tables(positions, dim: int, base: float = 10000.0):
+def rope_tables(positions, dim: int, base: float = 10000.0, max_position: int | None = None):
     """(cos, sin), each (B, 1, L, dim) float32, for rotating pairs (i, i + dim/2) by position angles.
-    Heads-first layout, as the attention uses; computed once per forward pass and shared by every layer."""
+    Heads-first layout, as the attention uses; computed once per forward pass and shared by every layer.
+
+    With `max_position` (positions are known to lie in [0, max_position)), cos and sin are rows looked up
+    in a constant (max_position, dim) table: XLA then fuses a cheap gather into each layer's RoPE instead
+    of recomputing cos and sin there for every element and head (as it did on CPU).
+    """
     half = dim // 2
     freq = 1.0 / (base ** (np.arange(half, dtype=np.float32) / half))
-    angle = positions[..., None].astype(jnp.float32) * np.concatenate([freq, freq])
+    freq = np.concatenate([freq, freq])
+    if max_position is not None:
+        angle = np.arange(max_position, dtype=np.float32)[:, None] * freq
+        cos, sin = (jnp.take(np.asarray(f(angle), np.float32), positions, axis=0) for f in (np.cos, np.sin))
+        return cos[:, None], sin[:, None]
+    angle = positions[..., None].astype(jnp.float32) * freq
     return jnp.cos(angle)[:, None], jnp.sin(angle)[:, None]
 
 

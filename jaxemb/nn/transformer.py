@@ -184,10 +184,8 @@ class Transformer(nn.Module):
         causal = jnp.tril(jnp.ones((length, length), bool))
         same = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] > 0)
         mask = (causal[None] & same)[:, None]  # (B, 1, L, L)
-        rope = rope_tables(segment_positions(segment_ids), c.head_dim) if c.position == "rope" else None
-        if rope is not None and jax.default_backend() == "cpu":
-            # computed once here, not recomputed inside every layer's forward and backward RoPE fusions
-            rope = jax.lax.optimization_barrier(rope)
+        rope = rope_tables(segment_positions(segment_ids), c.head_dim, max_position=length) \
+            if c.position == "rope" else None
         bias = T5RelativeBias(c.num_heads, c.rel_buckets, c.rel_max_distance, name="rel_bias")(length) \
             if c.position == "t5" else None
         block = nn.remat(Block) if c.remat else Block

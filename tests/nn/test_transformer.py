@@ -48,6 +48,9 @@ def test_rope_matches_float64_reference():
     ref = np.concatenate([x[..., :half] * np.cos(ang) - x[..., half:] * np.sin(ang),
                           x[..., half:] * np.cos(ang) + x[..., :half] * np.sin(ang)], -1)
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
+    # the constant-table lookup (positions known to be < max_position) gives the same rotation
+    looked_up = apply_rope(jnp.asarray(x, jnp.float32), *rope_tables(jnp.asarray(pos), 8, max_position=100))
+    np.testing.assert_allclose(np.asarray(looked_up), ref, rtol=1e-4, atol=1e-4)
     # rotation: relative property q(m).k(n) depends on m - n only
     q = rng.normal(size=(1, 1, 1, 8))
     k = rng.normal(size=(1, 1, 1, 8))
