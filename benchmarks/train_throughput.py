@@ -109,9 +109,9 @@ def torch_runner(cfg, warmup: int = 2):
     return step, lambda: {"params": sum(p.numel() for p in model.parameters()), "loss": box["loss"]}
 
 
-def interleaved_step_times(steps: dict, total: int, rounds: int) -> dict:
-    """Median seconds per step of each runner, timed in alternating rounds (A, B, A, B, ...) so that
-    the drift of a shared or throttled machine falls on all of them alike."""
+def interleaved_times(steps: dict, total: int, rounds: int) -> dict:
+    """Seconds per step of each runner, one value per round, timed in alternating rounds (A, B, A, B, ...)
+    so that the drift of a shared or throttled machine falls on all of them alike."""
     per_round = max(1, total // rounds)
     times = {name: [] for name in steps}
     for _ in range(max(1, min(rounds, total))):
@@ -120,14 +120,19 @@ def interleaved_step_times(steps: dict, total: int, rounds: int) -> dict:
             for _ in range(per_round):
                 step()
             times[name].append((time.perf_counter() - t) / per_round)
-    return {name: float(np.median(v)) for name, v in times.items()}
+    return times
+
+
+def interleaved_step_times(steps: dict, total: int, rounds: int) -> dict:
+    """Median seconds per step of each runner over the rounds of interleaved_times."""
+    return {name: float(np.median(v)) for name, v in interleaved_times(steps, total, rounds).items()}
 
 
 def configs(names, big_batch: int):
     out = {}
     for name in names:
-        if name == "default":
-            c = get_config("default")
+        if name in ("default", "tiny"):
+            c = get_config(name)
             c.model.kind = "standard"
         elif name == "150M":
             c = get_config("paper")
@@ -136,7 +141,7 @@ def configs(names, big_batch: int):
             if jax.default_backend() == "cpu":
                 c.train.update(batch_size=big_batch, compute_dtype="float32")
         else:
-            raise ValueError(f"unknown size {name!r}; expected default or 150M")
+            raise ValueError(f"unknown size {name!r}; expected default, 150M or tiny")
         out[name] = c
     return out
 

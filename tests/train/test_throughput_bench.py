@@ -1,4 +1,9 @@
+import json
+
+import pytest
+
 import benchmarks.train_throughput as tt
+from benchmarks import step_ab
 
 
 def test_interleaved_step_times_alternates_runners_and_reports_medians(monkeypatch):
@@ -21,17 +26,12 @@ def test_interleaved_step_times_alternates_runners_and_reports_medians(monkeypat
 
 
 def test_step_ab_times_variants_and_writes_results(tmp_path):
-    import json
-
-    import pytest
-
-    from benchmarks import step_ab
-    step_ab.main(["", "model.query_blocks=2", "--config", "tiny", "--steps", "2", "--workdir", str(tmp_path)])
+    step_ab.main(["", "model.query_blocks=2", "--size", "tiny", "--steps", "2", "--workdir", str(tmp_path)])
     out = json.load(open(tmp_path / "results.json"))
     assert [r["variant"] for r in out["rows"]] == ["(config)", "model.query_blocks=2"]
     assert all(len(r["steps_ms"]) == 2 and r["median_ms"] > 0 for r in out["rows"])
     assert (tmp_path / "step_ab.png").stat().st_size > 0
     with pytest.raises(KeyError, match="query_blockz"):
-        step_ab.main(["model.query_blockz=2", "--config", "tiny", "--workdir", str(tmp_path)])
+        step_ab.main(["model.query_blockz=2", "--size", "tiny", "--workdir", str(tmp_path)])
     with pytest.raises(ValueError, match="variants must differ"):
-        step_ab.main(["", "", "--config", "tiny", "--workdir", str(tmp_path)])
+        step_ab.main(["", "", "--size", "tiny", "--workdir", str(tmp_path)])
