@@ -131,12 +131,20 @@ def test_blocked_causal_attention_matches_float64_reference(blocks):
         np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-12, atol=1e-12)
         assert (np.asarray(out)[0, :, 9:] == 0).all()  # padding rows: zeros, not NaN
         w = jnp.asarray(rng.normal(size=ref.shape))
-        loss = lambda n: lambda q, k, v: jnp.sum(causal_attention(q, k, v, jnp.asarray(mask),
-                                                                   jnp.asarray(bias), n) * w)
-        got = jax.grad(loss(blocks), argnums=(0, 1, 2))(*args)
-        want = jax.grad(loss(1), argnums=(0, 1, 2))(*args)
-        for g1, g2 in zip(got, want):
-            np.testing.assert_allclose(np.asarray(g1), np.asarray(g2), rtol=1e-12, atol=1e-12)
+        jmask = jnp.asarray(mask)
+
+        def plain(q, k, v, bias):  # the same formula in plain jnp: its gradients are JAX's own
+            s = jnp.where(jmask, jnp.einsum("bhqd,bhkd->bhqk", q, k) + bias, -jnp.inf)
+            peak = jax.lax.stop_gradient(jnp.max(s, -1, keepdims=True))
+            e = jnp.exp(s - jnp.where(jnp.isfinite(peak), peak, 0.0))
+            return jnp.einsum("bhqk,bhkd->bhqd", e / jnp.maximum(e.sum(-1, keepdims=True), 1e-300), v)
+
+        args.append(jnp.asarray(bias))
+        got = jax.grad(lambda *a: jnp.sum(causal_attention(*a[:3], jmask, a[3], blocks) * w),
+                       argnums=(0, 1, 2, 3))(*args)
+        want = jax.grad(lambda *a: jnp.sum(plain(*a) * w), argnums=(0, 1, 2, 3))(*args)
+        for g1, g2 in zip(got, want):  # q, k, v and the bias shared over the batch
+            np.testing.assert_allclose(np.asarray(g1), np.asarray(g2), rtol=1e-10, atol=1e-12)
 
 
 def test_query_blocks_config_is_checked_and_model_output_does_not_depend_on_it():
@@ -152,3 +160,18 @@ def test_query_blocks_config_is_checked_and_model_output_does_not_depend_on_it()
         params = m.init(jax.random.key(1), tokens)
         outs.append(np.asarray(m.apply(params, tokens)[0]))
     np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+
+
+def test_wide_matmul_gradients_match_float64_reference():
+    """The CPU path for outputs a multiple of 2048 wide (weight gradient on a transposed copy of x) gives
+    the plain product's value and gradients."""
+    from jaxemb.nn.transformer import _matmul_cpu_wide, matmul
+    rng = np.random.default_rng()
+    x, w, g = rng.normal(size=(6, 5)), rng.normal(size=(5, 2048)), rng.normal(size=(6, 2048))
+    with jax.enable_x64(True):
+        for f in (matmul, _matmul_cpu_wide):
+            y, vjp = jax.vjp(f, jnp.asarray(x), jnp.asarray(w))
+            dx, dw = vjp(jnp.asarray(g))
+            np.testing.assert_allclose(np.asarray(y), x @ w, rtol=1e-12)
+            np.testing.assert_allclose(np.asarray(dx), g @ w.T, rtol=1e-12)
+            np.testing.assert_allclose(np.asarray(dw), x.T @ g, rtol=1e-12)
