@@ -29,8 +29,10 @@ def make_schedule(cfg, total_steps: int):
     return optax.join_schedules([ramp, main], [warmup])
 
 
-def make_optimizer(cfg, total_steps: int):
-    """Returns (optax transformation, schedule). cfg.name in {'adamw', 'adam', 'adafactor', 'sgd'}."""
+def make_optimizer(cfg, total_steps: int, clip: bool = True):
+    """Returns (optax transformation, schedule). cfg.name in {'adamw', 'adam', 'adafactor', 'sgd'}.
+    With clip=False the chain leaves out clipping by cfg.clip_norm (the Trainer clips with the gradient
+    norm it computes for its metrics anyway, so that the norm is not computed twice)."""
     schedule = make_schedule(cfg, total_steps)
     if cfg.name == "adamw":
         opt = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
@@ -44,6 +46,7 @@ def make_optimizer(cfg, total_steps: int):
         raise ValueError(f"optim.name={cfg.name!r}; expected 'adamw', 'adam', 'adafactor' or 'sgd'")
     parts = []
     if cfg.clip_norm and cfg.clip_norm > 0:
-        parts.append(optax.clip_by_global_norm(cfg.clip_norm))
+        # an identity in its place keeps the optimizer state's layout (and so checkpoints) the same
+        parts.append(optax.clip_by_global_norm(cfg.clip_norm) if clip else optax.identity())
     parts.append(opt)
     return optax.chain(*parts), schedule

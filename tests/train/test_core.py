@@ -158,3 +158,41 @@ def test_guard_nonfinite_keeps_state_of_a_bad_step(tmp_path, guard):
     same = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)))
     assert same == guard
     assert int(state["step"]) == 1
+
+
+class _RegressionWithFrozenBias(Regression):
+    """Regression plus a bias `b` that is frozen (it has a gradient, but no updates)."""
+
+    def init(self, rng, batch):
+        return dict(super().init(rng, batch), b=jax.numpy.ones((self.out,)))
+
+    def loss(self, params, batch, rng):
+        loss = jax.numpy.mean((batch["x"] @ params["w"] + params["b"] - batch["y"]) ** 2)
+        return loss, {"mse": loss}
+
+    def frozen(self, path):
+        return path[-1] == "b"
+
+
+@pytest.mark.parametrize("clip", [0.05, 1e6, 0.0])
+def test_clipped_step_matches_float64_reference(tmp_path, clip):
+    """One SGD step clips by the global norm of the trained parameters' gradients (the frozen bias left out),
+    and that norm is the logged grad_norm; checked against numpy float64 on fresh data each run."""
+    seed = int(np.random.default_rng().integers(1 << 30))
+    data = regression_data(seed=seed)
+    cfg = _cfg(steps=1)
+    cfg.optim.update(name="sgd", b1=0.0, lr=0.1, schedule="constant", clip_norm=clip)
+    tr = Trainer(_RegressionWithFrozenBias(), cfg, str(tmp_path))
+    src = ArraySource(data, 16)
+    batch = tr.put_batch(src, 0)
+    state = tr.init_state(batch)
+    w0 = np.asarray(jax.device_get(state["params"]["w"]), np.float64)
+    state, metrics = tr.train_step(state, batch)
+    x, y = (np.asarray(v, np.float64) for v in (src.get(0)["x"], src.get(0)["y"]))
+    g = 2.0 * x.T @ (x @ w0 + 1.0 - y) / y.size
+    norm = np.sqrt(np.sum(g * g))
+    scale = min(1.0, clip / norm) if clip > 0 else 1.0
+    assert (scale < 1.0) == (clip == 0.05)
+    np.testing.assert_allclose(float(metrics["grad_norm"]), norm, rtol=1e-5)
+    np.testing.assert_allclose(jax.device_get(state["params"]["w"]), w0 - 0.1 * scale * g, rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(jax.device_get(state["params"]["b"]), np.ones(8))
