@@ -100,7 +100,7 @@ class Trainer:
             self.tx = optax.multi_transform(
                 {"train": self.tx, "frozen": optax.set_to_zero()},
                 lambda params: jax.tree_util.tree_map_with_path(
-                    lambda p, _: "frozen" if frozen(_path_key(p)) else "train", params))
+                    lambda p, _: "train" if self._trainable(p) else "frozen", params))
         self.is_main = jax.process_index() == 0
         self._train_step = self._eval_step = None
         self.state_shardings = None
