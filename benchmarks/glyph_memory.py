@@ -16,7 +16,7 @@ import time
 import jax
 import numpy as np
 
-from experiments.common import machine, run_cli
+from experiments.harness import machine, run_cli
 from experiments.configs.glyph import get_config
 from jaxemb.data import glyphs
 from jaxemb.data.unicode_tokenizer import UnicodeTokenizer

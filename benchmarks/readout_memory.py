@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.common import machine, run_cli, save_figure, write_json
+from experiments.harness import machine, run_cli, save_figure, write_json
 from jaxemb.nn.embeddings import token_nll
 from jaxemb.nn.lexinvariant_vectors import blockwise_nll, sequence_keys, sequence_tables
 

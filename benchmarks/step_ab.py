@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 from benchmarks.train_throughput import configs, interleaved_times, jax_runner
-from experiments.common import machine, run_cli, save_figure, write_json
+from experiments.harness import machine, run_cli, save_figure, write_json
 from jaxemb.config import apply_overrides
 
 

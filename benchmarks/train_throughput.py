@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.common import machine, run_cli, write_json
+from experiments.harness import machine, run_cli, write_json
 from experiments.configs.lexinvariant import get_config
 from jaxemb.models.lexinvariant import LanguageModelTask, parameter_count
 from jaxemb.train import Trainer

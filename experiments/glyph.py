@@ -14,28 +14,24 @@ curves.png and tokenizer.json into WORKDIR. The default config embeds only the i
 """
 from __future__ import annotations
 
-import argparse
-import copy
 import os
 import sys
 import time
 
 import numpy as np
 
-from experiments.common import machine, parse_study_args, run_cli, save_figure, write_json
+from experiments import harness
 from experiments.configs.glyph import get_config
 from jaxemb.data import glyphs, text
 from jaxemb.data.unicode_tokenizer import NUM_SPECIAL, SPECIAL_BASE, UnicodeTokenizer
 from jaxemb.models.glyph import GlyphLMTask
-from jaxemb.models.lexinvariant import parameter_count
-from jaxemb.train import Trainer
 from jaxemb.train.metrics import read_metrics
 
 SAMPLES = {"Latin": "Quick brown fox", "Cyrillic": "Съешь же ещё", "Greek": "Γαζέες καὶ", "CJK": "天地玄黃"}
 
 
 def prepare(cfg, workdir: str):
-    """Corpus -> split -> tokenizer -> (compact) vocabulary -> packed train / valid sources."""
+    """Corpus -> split -> tokenizer -> (compact) vocabulary -> (tok, ids, packed train / valid sources)."""
     d = cfg.data
     docs = text.chunk_docs(text.load_corpus(d.source, d.max_chars or 10 ** 12, d.tfds_data_dir or None))
     train_docs, valid_docs = text.split_docs(docs, d.valid_fraction, cfg.seed)
@@ -51,11 +47,9 @@ def prepare(cfg, workdir: str):
         raise ValueError(f"data.vocab={d.vocab!r}; expected 'corpus' or 'full'")
     dense = np.zeros(tok.vocab_size, np.int32)
     dense[ids] = np.arange(len(ids))
-    cfg.model.vocab_size = len(ids)
-    train = text.PackedSource(text.pack([dense[t] for t in train_tok], d.seq_len), cfg.train.batch_size, cfg.seed)
-    valid = text.PackedSource(text.pack([dense[t] for t in valid_tok], d.seq_len), cfg.train.batch_size, cfg.seed,
-                              shuffle=False)
-    return tok, ids, train, valid
+    pack = lambda toks: text.pack([dense[t] for t in toks], d.seq_len)
+    return (tok, ids, text.PackedSource(pack(train_tok), cfg.train.batch_size, cfg.seed),
+            text.PackedSource(pack(valid_tok), cfg.train.batch_size, cfg.seed, shuffle=False))
 
 
 def font_paths(cfg) -> list:
@@ -69,24 +63,15 @@ def glyph_matrix(cfg, tok, ids, dim: int) -> np.ndarray:
 
 
 def train_kind(cfg, kind, table, char_lengths, train, valid, workdir):
-    c = copy.deepcopy(cfg)
-    c.model.kind = kind
+    c = harness.with_settings(cfg, **{"model.kind": kind, "model.vocab_size": len(char_lengths)})
     task = GlyphLMTask(c.model, c.data.seq_len, table if kind == "glyph" else None, char_lengths)
-    trainer = Trainer(task, c, os.path.join(workdir, kind))
-    state = trainer.fit(train, valid, desc=kind)
-    n = min(cfg.data.final_eval_batches, valid.batches_per_epoch)
-    sums = trainer.map_batches(task.sums, state["params"], valid, n)
+    v = harness.train_variant(kind, task, c, workdir, train, valid)
+    n = min(cfg.data.final_eval_batches, valid.num_batches)
+    sums = v.trainer.map_batches(task.sums, v.params, valid, n)
     nll, tokens, chars = (sum(float(s[k]) for s in sums) for k in ("nll", "tokens", "chars"))
-    frozen = sum(x.size for p, x in _leaves(state["params"]) if task.frozen(p))
     return {"valid_loss": nll / tokens, "bits_per_token": nll / tokens / np.log(2), "bits_per_char":
-            nll / chars / np.log(2), "valid_tokens": int(tokens), "parameters": parameter_count(state["params"]),
-            "frozen_parameters": int(frozen), "train_seconds": getattr(trainer, "train_seconds", None)}
-
-
-def _leaves(params):
-    import jax
-    flat = jax.tree_util.tree_flatten_with_path(params)[0]
-    return [(tuple(str(getattr(k, "key", k)) for k in p), x) for p, x in flat]
+            nll / chars / np.log(2), "valid_tokens": int(tokens), **task.parameter_counts(v.params),
+            "train_seconds": v.result.train_seconds}
 
 
 def neighbours(cfg, tok, ids, queries: str, k: int) -> tuple[dict, int]:
@@ -125,45 +110,27 @@ def show_scripts(tok, renderer) -> dict:
     return out
 
 
-def plot(workdir: str, kinds, path: str, title: str, eval_batches: int) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+def curves(workdir: str, kinds, eval_batches: int) -> list:
+    """Train and validation bits per character of each variant, from its metrics.jsonl."""
+    lines = []
     for i, kind in enumerate(kinds):
         recs = os.path.join(workdir, kind, "metrics.jsonl")
         tr, ev = read_metrics(recs, "train"), read_metrics(recs, "eval")
-        color = f"C{i}"
-        ax.plot([r["step"] for r in tr], [r["bits_per_char"] for r in tr], color=color, alpha=0.45,
-                label=f"{kind} train")
+        lines.append(dict(x=[r["step"] for r in tr], y=[r["bits_per_char"] for r in tr], color=f"C{i}", alpha=0.45,
+                          label=f"{kind} train"))
         if ev:
-            ax.plot([r["step"] for r in ev], [r["bits_per_char"] for r in ev], "o-", color=color,
-                    label=f"{kind} valid ({eval_batches} batches)")
-    ax.set_xlabel("step")
-    ax.set_ylabel("bits per character")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    save_figure(fig, path)
-    plt.close(fig)
+            lines.append(dict(x=[r["step"] for r in ev], y=[r["bits_per_char"] for r in ev], color=f"C{i}",
+                              marker="o", label=f"{kind} valid ({eval_batches} batches)"))
+    return lines
 
 
-def _extra_flags(argv):
-    """--font and --cache-dir become glyph.fonts / glyph.cache_dir overrides."""
-    p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--font", default=None)
-    p.add_argument("--cache-dir", default=None)
-    known, rest = p.parse_known_args(argv)
-    if known.font is not None:
-        rest.append(f"glyph.fonts={known.font}")
-    if known.cache_dir is not None:
-        rest.append(f"glyph.cache_dir={known.cache_dir}")
-    return rest
+OPTIONS = {"--font": ("glyph.fonts", "font file(s), comma-separated (glyph.fonts)"),
+           "--cache-dir": ("glyph.cache_dir", "glyph matrix cache directory (glyph.cache_dir)")}
 
 
 def main(argv=None) -> dict:
-    argv = _extra_flags(sys.argv[1:] if argv is None else list(argv))
-    args, cfg = parse_study_args(__doc__.splitlines()[0], get_config, "runs/glyph", argv)
+    args, cfg = harness.parse(sys.argv[1:] if argv is None else argv, __doc__.splitlines()[0], get_config,
+                              "runs/glyph", options=OPTIONS)
     workdir = args.workdir
     started = time.perf_counter()
     for p in font_paths(cfg):  # fail early, with the install hint, before any training
@@ -177,14 +144,11 @@ def main(argv=None) -> dict:
     print(f"vocabulary {len(ids):,} ids ({len(tok.ngrams)} n-grams); glyph matrix {table.shape} "
           f"built or loaded in {build_seconds:.1f}s from {', '.join(font_paths(cfg))}")
     char_lengths = tok.char_lengths()[ids]
-    models = {}
-    for kind in cfg.study.kinds:
-        models[kind] = train_kind(cfg, kind, table, char_lengths, train, valid, workdir)
-    print(f"\nvalidation ({cfg.data.source}, {cfg.train.steps} steps, d_model {m.d_model}, {m.num_layers} layers)")
-    print(f"{'embedding':>10}  {'params':>10}  {'frozen':>9}  {'loss/token':>10}  {'bits/char':>9}  {'train s':>7}")
-    for kind, r in models.items():
-        print(f"{kind:>10}  {r['parameters']:>10,}  {r['frozen_parameters']:>9,}  {r['valid_loss']:>10.4f}  "
-              f"{r['bits_per_char']:>9.4f}  {r['train_seconds'] or 0:>7.1f}")
+    models = {kind: train_kind(cfg, kind, table, char_lengths, train, valid, workdir) for kind in cfg.study.kinds}
+    harness.print_table([{"embedding": k, "params": r["parameters"], "frozen": r["frozen_parameters"],
+                          "loss/token": r["valid_loss"], "bits/char": r["bits_per_char"], "train s": r["train_seconds"]}
+                         for k, r in models.items()], f"validation ({cfg.data.source}, {cfg.train.steps} steps, "
+                        f"d_model {m.d_model}, {m.num_layers} layers)", width=10, fmt=".4f", formats={"train s": ".1f"})
     nn_table, n_probe = neighbours(cfg, tok, ids, cfg.study.queries, cfg.study.neighbours)
     print(f"\nnearest glyph neighbours (cosine of {cfg.glyph.cell ** 2}-d glyph vectors, among {n_probe} single "
           "characters: the vocabulary's, printable ASCII, the queries)")
@@ -192,17 +156,18 @@ def main(argv=None) -> dict:
         print(f"  {q!r:5s} " + "  ".join(f"{c!r} {s:.2f}" for c, s in row))
     renderer = glyphs.Renderer([glyphs.open_font(p, cfg.glyph.cell) for p in font_paths(cfg)], cfg.glyph.cell)
     scripts = show_scripts(tok, renderer)
-    results = {"models": models, "neighbours": nn_table, "scripts": scripts, "vocab_size": int(len(ids)),
-               "ngrams": len(tok.ngrams), "specials": NUM_SPECIAL, "glyph_shape": list(table.shape),
-               "glyph_build_seconds": build_seconds, "fonts": font_paths(cfg), "data": cfg.data.source,
-               "machine": machine(), "config": cfg.to_dict(), "seconds": time.perf_counter() - started}
-    write_json(os.path.join(workdir, "results.json"), results)
-    plot(workdir, list(models), os.path.join(workdir, "curves.png"),
-         f"{cfg.data.source}: frozen glyph vs trainable vs frozen random", cfg.train.eval_batches)
+    results = harness.write_results(workdir, "results.json", {
+        "models": models, "neighbours": nn_table, "scripts": scripts, "vocab_size": int(len(ids)),
+        "ngrams": len(tok.ngrams), "specials": NUM_SPECIAL, "glyph_shape": list(table.shape),
+        "glyph_build_seconds": build_seconds, "fonts": font_paths(cfg), "data": cfg.data.source,
+        "seconds": time.perf_counter() - started}, cfg, {"vocab_size": int(len(ids))})
+    harness.plot(os.path.join(workdir, "curves.png"), [dict(
+        lines=curves(workdir, list(models), cfg.train.eval_batches), xlabel="step", ylabel="bits per character",
+        title=f"{cfg.data.source}: frozen glyph vs trainable vs frozen random")])
     print(f"\nresults: {os.path.abspath(workdir)}  (results.json, curves.png, tokenizer.json)  "
           f"in {results['seconds']:.0f}s")
     return results
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    harness.run_cli(main)

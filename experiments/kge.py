@@ -12,14 +12,13 @@ learning_curves.png into WORKDIR.
 """
 from __future__ import annotations
 
-import argparse
-import copy
 import os
+import sys
 import time
 
 import numpy as np
 
-from experiments.common import machine, parse_study_args, run_cli, save_figure, write_json
+from experiments import harness
 from experiments.configs.kge import get_config
 from jaxemb.config import apply_overrides
 from jaxemb.data import kg
@@ -28,6 +27,7 @@ from jaxemb.train import Trainer
 from jaxemb.train.metrics import read_metrics
 
 _ROUTES = {"lr": "optim", "decay_rate": "optim", "batch_size": "train"}  # per-model keys outside cfg.model
+_DERIVED = ("train.steps", "train.eval_every", "optim.decay_steps")  # set from the epochs, see epoch_steps
 
 
 def ranking_metrics(ranks: np.ndarray) -> dict:
@@ -40,7 +40,7 @@ def ranking_metrics(ranks: np.ndarray) -> dict:
 def rank_queries(trainer, task, params, source: kg.QuerySource) -> np.ndarray:
     """Filtered rank of every query of `source` (sharded scoring on the trainer's mesh)."""
     outs = trainer.map_batches(task.rank_step, params, source, source.num_batches)
-    return np.concatenate(outs)[:len(source.queries)]
+    return np.concatenate(outs)[:source.num_rows]
 
 
 def evaluate(trainer, task, params, source: kg.QuerySource) -> dict:
@@ -52,9 +52,10 @@ def evaluate(trainer, task, params, source: kg.QuerySource) -> dict:
 
 
 def model_config(cfg, name: str, overrides: list):
-    """cfg for one model: the study's per-model settings, then the command-line overrides again (they win)."""
-    c = copy.deepcopy(cfg)
-    c.model.name = name
+    """cfg for one model: the study's per-model settings, then the command-line overrides again (they win).
+    The study trains whole epochs: study.epochs and study.eval_every_epochs must be >= 1, and the step
+    counts derived from them (train.steps, train.eval_every, optim.decay_steps) must be left at 0."""
+    c = harness.with_settings(cfg, **{"model.name": name})
     for key, value in c.study.per_model.get(name, {}).items():
         section = c[_ROUTES.get(key, "model")]
         if key not in section:
@@ -62,104 +63,97 @@ def model_config(cfg, name: str, overrides: list):
         with section.ignore_type():
             section[key] = value
     apply_overrides(c, overrides)
+    for key in ("epochs", "eval_every_epochs"):
+        if not c.study[key] >= 1:
+            raise ValueError(f"study.{key}={c.study[key]!r}: expected a whole number of epochs >= 1")
+    for key in _DERIVED:
+        section, leaf = key.split(".")
+        if c[section][leaf]:
+            raise ValueError(f"{key}={c[section][leaf]!r}: the KGE study trains whole epochs and derives {key} "
+                             "from the steps per epoch; set study.epochs (and study.eval_every_epochs) instead")
     return c
 
 
+def epoch_steps(c, train: kg.TrainSource) -> dict:
+    """The trainer's step counts for one model: its epochs x the steps (batches) per epoch."""
+    spe = train.num_batches
+    return {"train.steps": c.study.epochs * spe, "train.eval_every": c.study.eval_every_epochs * spe,
+            "optim.decay_steps": spe}  # lr * decay_rate once per epoch
+
+
 def setup(c, graph: kg.KG, workdir: str):
-    """(task, trainer, train source) for one model; sets the epoch-based step counts in `c`."""
+    """(task, trainer in workdir, train source) for one model, the trainer's config with epoch_steps."""
     train = kg.TrainSource(kg.reciprocal(graph.train, graph.num_relations), c.train.batch_size, c.seed)
-    spe = train.steps_per_epoch
-    c.train.steps = c.study.epochs * spe
-    c.train.eval_every = c.study.eval_every_epochs * spe
-    c.optim.decay_steps = spe  # lr * decay_rate once per epoch
     task = KGETask(c.model, graph.num_entities, graph.num_relations)
-    return task, Trainer(task, c, workdir), train
+    return task, Trainer(task, harness.with_settings(c, **epoch_steps(c, train)), workdir), train
 
 
 def train_model(c, graph: kg.KG, filt: kg.Filter, workdir: str) -> dict:
-    task, trainer, train = setup(c, graph, workdir)
-    spe = train.steps_per_epoch
-    qs = c.study.eval_batch_size
-    valid = kg.QuerySource(kg.reciprocal(graph.valid, graph.num_relations), filt, qs)
-    test = kg.QuerySource(kg.reciprocal(graph.test, graph.num_relations), filt, qs)
-    state = trainer.fit(train, eval_fn=lambda st: evaluate(trainer, task, st["params"], valid), desc=c.model.name)
-    best, meta = trainer.restore_best(state)
+    """Trains model c.model.name in workdir/<name>, keeps its best valid state, ranks the test queries."""
+    train = kg.TrainSource(kg.reciprocal(graph.train, graph.num_relations), c.train.batch_size, c.seed)
+    derived, spe = epoch_steps(c, train), train.num_batches
+    task = KGETask(c.model, graph.num_entities, graph.num_relations)
+    valid, test = (kg.QuerySource(kg.reciprocal(graph.split(s), graph.num_relations), filt, c.study.eval_batch_size)
+                   for s in ("valid", "test"))
+    v = harness.train_variant(c.model.name, task, harness.with_settings(c, **derived), workdir, train,
+                              eval_fn=lambda trainer, st: evaluate(trainer, task, st["params"], valid))
+    best, meta = v.trainer.restore_best(v.result.state)
     started = time.perf_counter()
-    result = evaluate(trainer, task, best["params"], test)
-    seconds = getattr(trainer, "train_seconds", 0.0)
-    curve = [{"epoch": r["step"] / spe, "mrr": r["mrr"]} for r in read_metrics(os.path.join(workdir, "metrics.jsonl"), "eval")]
-    loss = [{"epoch": r["step"] / spe, "loss": r["loss"]} for r in read_metrics(os.path.join(workdir, "metrics.jsonl"), "train")]
+    result = evaluate(v.trainer, task, best["params"], test)
+    seconds = v.result.train_seconds
+    metrics = os.path.join(v.trainer.workdir, "metrics.jsonl")
+    curve = [{"epoch": r["step"] / spe, "mrr": r["mrr"]} for r in read_metrics(metrics, "eval")]
+    loss = [{"epoch": r["step"] / spe, "loss": r["loss"]} for r in read_metrics(metrics, "train")]
     return {"test": result, "valid_mrr": meta["value"], "best_epoch": meta["step"] / spe,
             "train_seconds": seconds, "epoch_seconds": seconds / max(c.study.epochs, 1),
             "test_seconds": time.perf_counter() - started, "parameters": parameter_count(best["params"]),
-            "steps_per_epoch": spe, "curve": curve, "loss_curve": loss, "config": c.model.to_dict()
+            "steps_per_epoch": spe, "curve": curve, "loss_curve": loss, "derived": derived, "config": c.model.to_dict()
             | {"lr": c.optim.lr, "decay_rate": c.optim.decay_rate, "batch_size": c.train.batch_size}}
 
 
 def print_table(dataset: str, models: dict, ties: str) -> None:
-    cols = ["valid MRR", "MRR", "MR", "H@1", "H@3", "H@10", "best ep", "train s"]
-    print(f"\n{dataset}: filtered test metrics (both directions; ties count half), best valid epoch")
-    print(f"{'model':>10}  " + "  ".join(f"{c:>9}" for c in cols))
-    for name, r in models.items():
-        t = r["test"]
-        vals = [r["valid_mrr"], t["mrr"], t["mr"], t["hits@1"], t["hits@3"], t["hits@10"]]
-        print(f"{name:>10}  " + "  ".join(f"{v:>9.3f}" if i != 2 else f"{v:>9.1f}" for i, v in enumerate(vals))
-              + f"  {r['best_epoch']:>9.0f}  {r['train_seconds']:>9.1f}")
+    rows = [{"model": name, "valid MRR": r["valid_mrr"], "MRR": r["test"]["mrr"], "MR": r["test"]["mr"],
+             "H@1": r["test"]["hits@1"], "H@3": r["test"]["hits@3"], "H@10": r["test"]["hits@10"],
+             "best ep": r["best_epoch"], "train s": r["train_seconds"]} for name, r in models.items()]
+    harness.print_table(rows, f"{dataset}: filtered test metrics (both directions; ties count half), best valid "
+                        "epoch", width=9, formats={"MR": ".1f", "best ep": ".0f", "train s": ".1f"})
     if ties != "mean":
         print(f"(ties: {ties})")
 
 
-def plot(models: dict, path: str, title: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for name, r in models.items():
-        ax1.plot([p["epoch"] for p in r["curve"]], [p["mrr"] for p in r["curve"]], marker=".", label=name)
-        ax2.plot([p["epoch"] for p in r["loss_curve"]], [p["loss"] for p in r["loss_curve"]], label=name)
-    ax1.set(xlabel="epoch", ylabel="filtered MRR (valid)", title=title)
-    ax2.set(xlabel="epoch", ylabel="training loss", yscale="log", title="training loss")
-    for ax in (ax1, ax2):
-        ax.grid(alpha=0.3)
-    ax1.legend(fontsize=8)
-    save_figure(fig, path)
-    plt.close(fig)
+OPTIONS = {"--dataset": (None, "dataset name (umls, WN18RR, ...) or directory of train/valid/test.txt"),
+           "--model": (None, "train only this model (e.g. nfe1)")}
 
 
-def parse(argv=None):
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--dataset", default=None)
-    pre.add_argument("--model", default=None)
-    known, rest = pre.parse_known_args(argv)
-    default_workdir = "runs/kge" if not known.dataset else os.path.join(
-        "runs/kge", os.path.basename(os.path.normpath(known.dataset)))
-    desc = __doc__.splitlines()[0] + " Also --dataset NAME_OR_DIR and --model NAME."
-    args, cfg = parse_study_args(desc, lambda name: get_config(name, known.dataset, known.model), default_workdir,
-                                 rest)
-    return args, cfg
+def _default_workdir(args) -> str:
+    return os.path.join("runs/kge", os.path.basename(os.path.normpath(args.dataset))) if args.dataset else "runs/kge"
 
 
 def main(argv=None) -> dict:
-    args, cfg = parse(argv)
+    args, cfg = harness.parse(sys.argv[1:] if argv is None else argv, __doc__.splitlines()[0], get_config,
+                              _default_workdir, data=False, options=OPTIONS)
+    configs = {name: model_config(cfg, name, args.overrides) for name in cfg.study.models}  # all checked first
     graph = kg.load(cfg.data.source, cfg.data.root, cfg.data.unseen)
     filt = kg.Filter(graph)
     print(f"{graph.name}: {graph.num_entities} entities, {graph.num_relations // 2} relations, "
           f"{len(graph.train)}/{len(graph.valid)}/{len(graph.test)} triples; valid/test triples with an entity or "
           f"relation unseen in train ({cfg.data.unseen}): {graph.unseen}", flush=True)
-    models = {}
-    for name in cfg.study.models:
-        c = model_config(cfg, name, args.overrides)
-        models[name] = train_model(c, graph, filt, os.path.join(args.workdir, name))
+    models = {name: train_model(c, graph, filt, args.workdir) for name, c in configs.items()}
     print_table(graph.name, models, cfg.model.ties)
-    results = {"dataset": graph.name, "entities": graph.num_entities, "relations": graph.num_relations // 2,
-               "triples": {s: len(graph.split(s)) for s in kg.SPLITS}, "unseen": graph.unseen,
-               "unseen_policy": cfg.data.unseen, "ties": cfg.model.ties, "epochs": cfg.study.epochs,
-               "models": models, "machine": machine(), "config": cfg.to_dict()}
-    write_json(os.path.join(args.workdir, "results.json"), results)
-    plot(models, os.path.join(args.workdir, "learning_curves.png"), f"{graph.name}, dimension {cfg.model.dim}")
+    results = harness.write_results(args.workdir, "results.json", {
+        "dataset": graph.name, "entities": graph.num_entities, "relations": graph.num_relations // 2,
+        "triples": {s: len(graph.split(s)) for s in kg.SPLITS}, "unseen": graph.unseen,
+        "unseen_policy": cfg.data.unseen, "ties": cfg.model.ties, "epochs": cfg.study.epochs, "models": models}, cfg)
+    harness.plot(os.path.join(args.workdir, "learning_curves.png"), [
+        dict(lines=[dict(x=[p["epoch"] for p in r["curve"]], y=[p["mrr"] for p in r["curve"]], marker=".", label=n)
+                    for n, r in models.items()], xlabel="epoch", ylabel="filtered MRR (valid)", legend_size=8,
+             title=f"{graph.name}, dimension {cfg.model.dim}"),
+        dict(lines=[dict(x=[p["epoch"] for p in r["loss_curve"]], y=[p["loss"] for p in r["loss_curve"]])
+                    for r in models.values()], xlabel="epoch", ylabel="training loss", yscale="log",
+             title="training loss")], figsize=(11, 4.2))
     print(f"\nresults: {os.path.abspath(args.workdir)}  (results.json, learning_curves.png)")
     return results
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    harness.run_cli(main)

@@ -7,68 +7,46 @@ precision against position.
 """
 from __future__ import annotations
 
-import copy
 import os
 
 import numpy as np
 
-from experiments.common import save_figure, write_json
+from experiments import harness
+from jaxemb.data.sources import MappedSource
 from jaxemb.models.decipher import DecipherProbeTask, key_precision, random_cipher
-from jaxemb.train import Trainer
 
 
-class CipherSource:
-    """Wraps a text source: each row is encrypted with its own cipher, drawn from (seed, batch, row)."""
-
-    def __init__(self, base, vocab_size: int, seed: int):
-        self.base, self.vocab_size, self.seed = base, vocab_size, seed
-        self.batch_size = base.batch_size
-
-    def get(self, index, rows=slice(None)):
-        b = self.base.get(index, rows)
-        start = rows.start or 0
-        keys = np.stack([random_cipher(np.random.default_rng([self.seed, index, start + r]), self.vocab_size)
-                         for r in range(len(b["inputs"]))])
-        return {"inputs": np.take_along_axis(keys, b["inputs"], axis=1), "plain": b["inputs"],
-                "segment_ids": b["segment_ids"]}
+def cipher_source(base, vocab_size: int, seed: int) -> MappedSource:
+    """`base` with each row encrypted by its own cipher, drawn from (seed, batch index, row)."""
+    def encrypt(batch, index, row_ids):
+        keys = np.stack([random_cipher(np.random.default_rng([seed, index, int(r)]), vocab_size) for r in row_ids])
+        return {"inputs": np.take_along_axis(keys, batch["inputs"], axis=1), "plain": batch["inputs"],
+                "segment_ids": batch["segment_ids"], "weights": batch["weights"]}
+    return MappedSource(base, encrypt)
 
 
-def run(cfg, lm_task, lm_state, train, rows, workdir: str) -> dict:
-    c = copy.deepcopy(cfg)
-    c.train.update(steps=cfg.study.probe_steps, eval_every=0, checkpoint_every=cfg.study.probe_steps)
-    vocab = cfg.model.vocab_size
-    task = DecipherProbeTask(lm_task, lm_state["params"], cfg.study.probe_hidden)
-    trainer = Trainer(task, c, os.path.join(workdir, "decipher_probe"))
-    state = trainer.fit(CipherSource(train, vocab, cfg.seed + 5), desc="probe")
-    source = CipherSource(rows, vocab, cfg.seed + 6)
-    preds = np.concatenate(trainer.map_batches(task.predict, state["params"], source, rows.num_batches))
-    batches = [source.get(i) for i in range(rows.num_batches)]
-    cipher = np.concatenate([b["inputs"] for b in batches])
-    plain = np.concatenate([b["plain"] for b in batches])
+def run(cfg, lm, data, workdir: str) -> dict:
+    """lm: the trained lexinvariant harness.Variant; data: experiments.lexinvariant.prepare's result."""
+    steps, vocab = cfg.study.probe_steps, data.derived["vocab_size"]
+    c = harness.with_settings(cfg, **{"train.steps": steps, "train.eval_every": 0, "train.checkpoint_every": steps})
+    task = DecipherProbeTask(lm.task, lm.params, cfg.study.probe_hidden)
+    probe = harness.train_variant("decipher_probe", task, c, workdir, cipher_source(data.train, vocab, cfg.seed + 5),
+                                  desc="probe")
+    source = cipher_source(data.rows, vocab, cfg.seed + 6)
+    preds = harness.map_rows(probe, task.predict, source)
+    batches = [source.get(i) for i in range(source.num_batches)]
+    cipher, plain = (np.concatenate([b[k] for b in batches])[:source.num_rows] for k in ("inputs", "plain"))
     window = cfg.study.decipher_window
     precision = key_precision(cipher, plain, preds, window)
     token_acc = float((preds == plain).mean())
     starts = list(range(0, plain.shape[1], window))
     print(f"\ndeciphering: probe token accuracy {100 * token_acc:.1f}% over {len(plain)} held-out sequences")
-    print(f"{'positions':>12}{'key precision %':>18}")
-    for s, p in zip(starts, precision):
-        print(f"{f'{s + 1}-{min(s + window, plain.shape[1])}':>12}{100 * p:>18.1f}")
-    results = {"window": window, "window_starts": starts, "key_precision": precision.tolist(),
-               "probe_token_accuracy": token_acc, "sequences": int(len(plain)), "probe_steps": c.train.steps}
-    write_json(os.path.join(workdir, "decipher.json"), results)
-    _plot(starts, precision, window, os.path.join(workdir, "decipher.png"))
+    harness.print_table([{"positions": f"{s + 1}-{min(s + window, plain.shape[1])}", "key precision %": 100 * p}
+                         for s, p in zip(starts, precision)], width=16, fmt=".1f")
+    results = harness.write_results(workdir, "decipher.json", {
+        "window": window, "window_starts": starts, "key_precision": precision.tolist(),
+        "probe_token_accuracy": token_acc, "sequences": int(len(plain)), "probe_steps": steps}, cfg, data.derived)
+    harness.plot(os.path.join(workdir, "decipher.png"), [dict(
+        lines=[dict(x=[s + window / 2 for s in starts], y=100 * np.asarray(precision), marker="o")],
+        xlabel="position (window centre)", ylabel="key precision (%)", ylim=(0, 100))], figsize=(6, 3.6))
     return results
-
-
-def _plot(starts, precision, window, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    ax.plot([s + window / 2 for s in starts], 100 * np.asarray(precision), marker="o")
-    ax.set_xlabel("position (window centre)")
-    ax.set_ylabel("key precision (%)")
-    ax.set_ylim(0, 100)
-    ax.grid(alpha=0.3)
-    save_figure(fig, path)
-    plt.close(fig)

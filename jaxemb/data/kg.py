@@ -12,6 +12,10 @@ Entities or relations of valid/test that never occur in train ("unseen") follow 
   'skip'  vocabularies come from train only; such triples are dropped and counted in `KG.unseen`;
   'error' the first one raises KGFormatError naming file, line and the unseen name.
 
+Duplicate triples within a split and valid/test triples that also occur in train are kept as given,
+counted in `KG.duplicates` and `KG.in_train`, and reported in one warning when there are any. A UTF-8
+byte-order mark at the start of a file is dropped.
+
 Reciprocal relations: every (h, r, t) also gives (t, r + R, h), so a model only ever predicts tails.
 """
 from __future__ import annotations
@@ -22,11 +26,13 @@ import shutil
 import tarfile
 import tempfile
 import urllib.request
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from jaxemb.data.files import sha256_file
+from jaxemb.data.sources import ArraySource
 
 SPLITS = ("train", "valid", "test")
 
@@ -42,6 +48,8 @@ def read_triples(path: str) -> list[tuple[str, str, str, int]]:
     out = []
     with open(path, "rb") as f:
         for no, raw in enumerate(f, 1):
+            if no == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]  # a UTF-8 byte-order mark is not part of the first name
             try:
                 line = raw.decode("utf-8").rstrip("\r\n")
             except UnicodeDecodeError as e:
@@ -68,6 +76,8 @@ class KG:
     valid: np.ndarray
     test: np.ndarray
     unseen: dict = field(default_factory=dict)  # split -> number of triples with an entity/relation unseen in train
+    duplicates: dict = field(default_factory=dict)  # split -> triples that repeat an earlier one of that split
+    in_train: dict = field(default_factory=dict)  # 'valid'/'test' -> triples that also occur in train
 
     @property
     def num_entities(self) -> int:
@@ -127,8 +137,28 @@ def load(source: str, root: str = "", unseen: str = "keep") -> KG:
         arrays[s] = np.asarray(rows, np.int32)
         if s != "train":
             counts[s] = n_unseen
-    return KG(os.path.basename(os.path.normpath(path)), entities, relations, arrays["train"], arrays["valid"],
-              arrays["test"], counts)
+    duplicates, in_train = overlap_counts(arrays)
+    name = os.path.basename(os.path.normpath(path))
+    if any(duplicates.values()) or any(in_train.values()):
+        warnings.warn(f"dataset {name} ({path}): duplicate triples per split {duplicates}; valid/test triples "
+                      f"also in train {in_train} (kept as given)", stacklevel=2)
+    return KG(name, entities, relations, arrays["train"], arrays["valid"], arrays["test"], counts, duplicates,
+              in_train)
+
+
+def overlap_counts(arrays: dict) -> tuple[dict, dict]:
+    """({split: rows that repeat an earlier row of that split}, {'valid'/'test': rows that occur in train})
+    for (n, 3) integer triples per split."""
+    size = int(max(a.max() for a in arrays.values())) + 1
+    keys = {s: np.sort((a[:, 0].astype(np.int64) * size + a[:, 1]) * size + a[:, 2]) for s, a in arrays.items()}
+    duplicates = {s: int((np.diff(k) == 0).sum()) for s, k in keys.items()}
+    train = keys["train"]
+    in_train = {}
+    for s, k in keys.items():
+        if s != "train":
+            i = np.minimum(np.searchsorted(train, k), len(train) - 1)
+            in_train[s] = int((train[i] == k).sum())
+    return duplicates, in_train
 
 
 def reciprocal(triples: np.ndarray, num_relations: int) -> np.ndarray:
@@ -171,58 +201,38 @@ class Filter:
         return int((self.ends - self.starts).max()) - 1
 
 
-class TrainSource:
-    """Shuffled 1-vs-all training batches: {'head', 'rel', 'tail'} (B,) int32 and 'weight' (B,) float32.
+def _columns(triples: np.ndarray) -> dict:
+    return {"head": triples[:, 0], "rel": triples[:, 1], "tail": triples[:, 2]}
 
-    Epoch e is a fresh permutation (seeded by seed, e); its last batch is padded with weight-0 rows, so an
-    epoch is ceil(n / B) steps and every triple is seen once. Deterministic in the batch index.
+
+class TrainSource(ArraySource):
+    """Shuffled 1-vs-all training batches: {'head', 'rel', 'tail'} (B,) int32 and 'weights' (B,) float32.
+
+    Epoch e visits the triples in `epoch_order(seed, e)`; its last batch is padded with weight-0 rows, so
+    an epoch is num_batches = ceil(n / B) steps and every triple is seen once.
     """
 
     def __init__(self, triples: np.ndarray, batch_size: int, seed: int = 0):
         if len(triples) == 0:
             raise ValueError("no training triples")
-        self.triples, self.batch_size, self.seed = triples, batch_size, seed
-        self.steps_per_epoch = -(-len(triples) // batch_size)
-        self._perm = (None, None)
-
-    def _order(self, epoch: int) -> np.ndarray:
-        if self._perm[0] != epoch:
-            self._perm = (epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.triples)))
-        return self._perm[1]
-
-    def get(self, index: int, rows: slice = slice(None)) -> dict:
-        epoch, b = divmod(index, self.steps_per_epoch)
-        idx = self._order(epoch)[b * self.batch_size:(b + 1) * self.batch_size]
-        return _rows_batch(self.triples[idx], self.batch_size, rows)
+        super().__init__(_columns(triples), batch_size, seed=seed, shuffle=True, what="training triples")
 
 
-class QuerySource:
-    """Fixed ranking queries in order: {'head', 'rel', 'tail', 'weight'} (B,) and 'filter' (B, K) int32 (other
-    true tails, -1 padded; K = the graph's largest count rounded up to a multiple of 8: one shape for every
-    split, so the ranking step compiles once)."""
+class QuerySource(ArraySource):
+    """Fixed ranking queries in order: {'head', 'rel', 'tail', 'weights'} (B,) and 'filter' (B, K) int32
+    (other true tails, -1 padded; K = the graph's largest count rounded up to a multiple of 8: one shape for
+    every split, so the ranking step compiles once). The last batch is padded with weight-0 rows."""
 
     def __init__(self, queries: np.ndarray, filt: Filter, batch_size: int):
         if len(queries) == 0:
             raise ValueError("no ranking queries")
-        self.queries, self.filt, self.batch_size = queries, filt, batch_size
-        self.num_batches = -(-len(queries) // batch_size)
+        self.queries, self.filt = queries, filt
         self.width = max(8, -(-filt.max_others // 8) * 8)
+        super().__init__(_columns(queries), batch_size, make=self._with_filter, what="ranking queries")
 
-    def get(self, index: int, rows: slice = slice(None)) -> dict:
-        q = self.queries[index * self.batch_size:(index + 1) * self.batch_size]
-        batch = _rows_batch(q, self.batch_size, slice(None))
-        pad = np.zeros((self.batch_size - len(q), 3), np.int32)
-        batch["filter"] = self.filt.others(np.concatenate([q, pad]), self.width)
-        batch["filter"][len(q):] = -1
-        return {k: v[rows] for k, v in batch.items()}
-
-
-def _rows_batch(triples: np.ndarray, batch_size: int, rows: slice) -> dict:
-    n = len(triples)
-    full = np.zeros((batch_size, 3), np.int32)
-    full[:n] = triples
-    weight = (np.arange(batch_size) < n).astype(np.float32)
-    return {"head": full[rows, 0], "rel": full[rows, 1], "tail": full[rows, 2], "weight": weight[rows]}
+    def _with_filter(self, batch: dict) -> dict:
+        q = np.stack([batch["head"], batch["rel"], batch["tail"]], axis=1)
+        return dict(batch, filter=self.filt.others(q, self.width))
 
 
 # -- download (for users with a network; never run in tests against the network) -------------------------

@@ -9,11 +9,15 @@ Corpora (`load_corpus(spec)`):
 """
 from __future__ import annotations
 
+import codecs
 import hashlib
 import os
 import sysconfig
+import warnings
 
 import numpy as np
+
+from jaxemb.data.sources import ArraySource
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".text", ".tex", ".json", ".csv", ".c", ".h", ".html", "")
 
@@ -97,15 +101,25 @@ def pydoc_docs() -> list[str]:
     return [topics[k] for k in sorted(topics) if topics[k].strip()]
 
 
-def _read_text_file(path: str) -> str | None:
+def _read_text_file(path: str) -> tuple[str | None, bool]:
+    """(text, latin1): text is None for a binary file (NUL bytes); a file that is not UTF-8 is read as
+    Latin-1 (every byte is one character, nothing is lost) and latin1 is True. A UTF-8 BOM is dropped."""
     with open(path, "rb") as f:
         raw = f.read()
     if b"\x00" in raw[:4096]:
-        return None  # binary
+        return None, False  # binary
+    if raw.startswith(codecs.BOM_UTF8):
+        raw = raw[len(codecs.BOM_UTF8):]
     try:
-        return raw.decode("utf-8")
+        return raw.decode("utf-8"), False
     except UnicodeDecodeError:
-        return None
+        return raw.decode("latin-1"), True
+
+
+def _warn_latin1(where: str, paths: list[str], total: int):
+    names = ", ".join(paths[:5]) + (f" and {len(paths) - 5} more" if len(paths) > 5 else "")
+    warnings.warn(f"{where}: {len(paths)} of {total} text files are not UTF-8 and were read as Latin-1: {names}",
+                  stacklevel=2)
 
 
 def path_docs(path: str) -> list[str]:
@@ -113,20 +127,27 @@ def path_docs(path: str) -> list[str]:
         raise FileNotFoundError(f"data path {path!r} does not exist (expected a text file, a directory of "
                                 "text files, 'default', 'stdlib', 'pydoc' or 'tfds:NAME')")
     if os.path.isfile(path):
-        text = _read_text_file(path)
+        text, latin1 = _read_text_file(path)
         if text is None:
-            raise ValueError(f"data file {path!r} is not UTF-8 text")
+            raise ValueError(f"data file {path!r} is binary, not text (it holds NUL bytes)")
+        if latin1:
+            _warn_latin1(f"data file {path!r}", [path], 1)
         return [text]
-    docs = []
+    docs, latin1_paths = [], []
     for dirpath, dirnames, filenames in os.walk(path):
         dirnames.sort()
         for name in sorted(filenames):
             if os.path.splitext(name)[1].lower() in TEXT_SUFFIXES and not name.startswith("."):
-                text = _read_text_file(os.path.join(dirpath, name))
+                file = os.path.join(dirpath, name)
+                text, latin1 = _read_text_file(file)
                 if text is not None and text.strip():
                     docs.append(text)
+                    if latin1:
+                        latin1_paths.append(os.path.relpath(file, path))
+    if latin1_paths:
+        _warn_latin1(f"data directory {path!r}", latin1_paths, len(docs))
     if not docs:
-        raise ValueError(f"data directory {path!r} holds no non-empty UTF-8 text files "
+        raise ValueError(f"data directory {path!r} holds no non-empty text files "
                          f"(looked for suffixes {', '.join(s for s in TEXT_SUFFIXES if s)} and none)")
     return docs
 
@@ -195,16 +216,42 @@ def chunk_docs(docs: list[str], min_docs: int = 40, chunk_chars: int = 16_384) -
 
 def split_docs(docs: list[str], valid_fraction: float, seed: int = 0) -> tuple[list[str], list[str]]:
     """Deterministic split by a hash of (seed, document text): the same documents land in valid on every
-    machine and run, whatever their order."""
-    train, valid = [], []
+    machine and run, whatever their order. Both sides get at least one document (with valid_fraction > 0);
+    a corpus of one document (e.g. one small file) is split by characters instead, see split_text."""
+    if not 0 <= valid_fraction < 1:
+        raise ValueError(f"valid_fraction={valid_fraction!r}: expected a number in [0, 1)")
+    if not docs:
+        raise ValueError("no documents to split")
+    if len(docs) == 1 and valid_fraction > 0:
+        return split_text(docs[0], valid_fraction)
+    train, valid, valid_keys = [], [], []
     for d in docs:
         h = hashlib.sha256(f"{seed}:".encode() + d.encode("utf-8", "surrogatepass")).digest()
-        (valid if int.from_bytes(h[:8], "little") / 2 ** 64 < valid_fraction else train).append(d)
-    if not train:
-        raise ValueError(f"valid_fraction={valid_fraction} leaves no training documents ({len(docs)} in all)")
+        key = int.from_bytes(h[:8], "little") / 2 ** 64
+        if key < valid_fraction:
+            valid.append(d)
+            valid_keys.append(key)
+        else:
+            train.append(d)
+    if not train:  # every document hashed into valid: the one nearest to train goes back
+        train.append(valid.pop(int(np.argmax(valid_keys))))
     if not valid and valid_fraction > 0:
         valid.append(train.pop())
     return train, valid
+
+
+def split_text(doc: str, valid_fraction: float) -> tuple[list[str], list[str]]:
+    """One document -> ([train text], [valid text]): the last valid_fraction of its characters are validation
+    text, moved back to the start of a line where that keeps at least half for training."""
+    n = len(doc)
+    if n < 2:
+        raise ValueError(f"the corpus is one document of {n} character(s); it needs at least 2 to give both "
+                         "training and validation text (and enough for one batch of sequences of each)")
+    cut = n - max(1, round(n * valid_fraction))
+    line = doc.rfind("\n", 0, cut) + 1
+    if line >= n / 2:
+        cut = line
+    return [doc[:cut]], [doc[cut:]]
 
 
 def _check_seq_len(seq_len: int):
@@ -219,6 +266,8 @@ def pack(token_docs: list[np.ndarray], seq_len: int) -> dict:
     1 in each row and change at every document boundary; 0 marks padding at the end of the last row.
     """
     _check_seq_len(seq_len)
+    if not any(len(t) for t in token_docs):
+        raise ValueError(f"nothing to pack: {len(token_docs)} documents with no tokens")
     width = seq_len + 1
     flat = np.concatenate([np.asarray(t, np.int32) for t in token_docs if len(t)])
     doc_id = np.concatenate([np.full(len(t), i, np.int32) for i, t in enumerate(token_docs) if len(t)])
@@ -256,28 +305,27 @@ def lm_batch(tokens: np.ndarray, segments: np.ndarray) -> dict:
             "weights": ((seg_in == seg_out) & (seg_in > 0)).astype(np.float32)}
 
 
-class PackedSource:
-    """Deterministic batches over packed rows: epoch e visits the rows in a permutation seeded by
-    (seed, e); batch i is always the same rows, so resuming at position i continues exactly."""
+def _lm_rows(batch: dict) -> dict:
+    return lm_batch(batch["tokens"], batch["segments"])
+
+
+class PackedSource(ArraySource):
+    """Batches over packed rows (`pack`). Training (shuffle=True): epoch e visits the rows in
+    `epoch_order(seed, e)` and drops the last partial batch. Evaluation (shuffle=False): the rows in order,
+    the last partial batch padded with weight-0 rows."""
 
     def __init__(self, packed: dict, batch_size: int, seed: int = 0, shuffle: bool = True):
-        self.tokens, self.segments = packed["tokens"], packed["segments"]
-        self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
-        self.num_rows = len(self.tokens)
-        if self.num_rows < batch_size:
-            raise ValueError(f"{self.num_rows} packed rows are fewer than one batch of {batch_size}; "
-                             "use more data, a shorter sequence or a smaller batch")
-        self.batches_per_epoch = self.num_rows // batch_size
-        self._perm_epoch, self._perm = None, None
+        super().__init__(packed, batch_size, seed=seed, shuffle=shuffle, drop_last=shuffle, make=_lm_rows,
+                         what="packed rows")
 
-    def _order(self, epoch: int) -> np.ndarray:
-        if self._perm_epoch != epoch:
-            self._perm = (np.random.default_rng([self.seed, epoch]).permutation(self.num_rows)
-                          if self.shuffle else np.arange(self.num_rows))
-            self._perm_epoch = epoch
-        return self._perm
 
-    def get(self, index: int, rows: slice = slice(None)) -> dict:
-        epoch, i = divmod(index, self.batches_per_epoch)
-        idx = self._order(epoch)[i * self.batch_size:(i + 1) * self.batch_size][rows]
-        return lm_batch(self.tokens[idx], self.segments[idx])
+def _lm_whole_rows(batch: dict) -> dict:
+    return lm_batch(batch["tokens"], np.ones_like(batch["tokens"]))
+
+
+class RowsSource(ArraySource):
+    """Fixed evaluation rows (N, L + 1), each inside one document (`contiguous_rows`), in order; the last
+    partial batch is padded with weight-0 rows."""
+
+    def __init__(self, rows: np.ndarray, batch_size: int):
+        super().__init__({"tokens": rows}, batch_size, make=_lm_whole_rows, what="evaluation rows")

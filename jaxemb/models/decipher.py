@@ -58,29 +58,30 @@ class Probe(nn.Module):
 
 
 class DecipherProbeTask:
-    """Trains only the probe; the LM's parameters are frozen (no optimizer state, no gradient)."""
+    """Trains only the probe. The LM's parameters are a core constant (`Task.constants`): placed once with
+    their shardings, never in the optimizer state or the probe's checkpoints, no gradient taken."""
 
     def __init__(self, lm_task, lm_params, hidden: int = 256):
         self.lm, self.lm_params = lm_task, lm_params
         self.probe = Probe(lm_task.cfg.vocab_size, hidden, lm_task.cfg.d_model)
         self.tokens_per_example = lm_task.tokens_per_example
 
-    def frozen(self, path) -> bool:
-        return path[0] == "lm"
+    def constants(self) -> dict:
+        return {"lm": self.lm_params}
 
     def init(self, rng, batch):
         h = jnp.zeros(batch["inputs"].shape + (self.lm.cfg.d_model,), jnp.float32)
-        return {"lm": self.lm_params, "probe": self.probe.init(rng, h)}
+        return {"probe": self.probe.init(rng, h)}
 
-    def logits(self, params, batch, rng):
-        _, hidden = self.lm.apply(params["lm"], batch, rng)
+    def logits(self, params, batch, rng, constants):
+        _, hidden = self.lm.apply(constants["lm"], batch, rng)
         return self.probe.apply(params["probe"], jax.lax.stop_gradient(hidden["final"].astype(jnp.float32)))
 
-    def loss(self, params, batch, rng):
-        nll = token_nll(self.logits(params, batch, rng), batch["plain"])
+    def loss(self, params, batch, rng, constants):
+        nll = token_nll(self.logits(params, batch, rng, constants), batch["plain"])
         w = batch["segment_ids"] > 0
         loss = jnp.sum(nll * w) / jnp.maximum(w.sum(), 1)
         return loss, {}
 
-    def predict(self, params, batch, rng):
-        return jnp.argmax(self.logits(params, batch, rng), axis=-1)
+    def predict(self, params, batch, rng, constants):
+        return jnp.argmax(self.logits(params, batch, rng, constants), axis=-1)

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from jaxemb.nn.embeddings import LexinvariantEmbedding, TokenEmbedding
 from jaxemb.nn.transformer import Transformer, TransformerConfig
+from jaxemb.train.validate import validate_transformer
 
 KINDS = ("standard", "lexinvariant", "semi")
 
@@ -32,13 +33,14 @@ def build_model(model_cfg) -> Transformer:
     kind = model_cfg.kind
     if kind not in KINDS:
         raise ValueError(f"model.kind={kind!r}; expected one of {KINDS}")
+    validate_transformer(model_cfg)
     tcfg = TransformerConfig(
         vocab_size=model_cfg.vocab_size, d_model=model_cfg.d_model, num_layers=model_cfg.num_layers,
         num_heads=model_cfg.num_heads, head_dim=model_cfg.head_dim, mlp_dim=model_cfg.mlp_dim,
-        position=model_cfg.position, remat=model_cfg.remat, query_blocks=model_cfg.get("query_blocks", 0))
+        position=model_cfg.position, remat=model_cfg.remat, query_blocks=model_cfg.query_blocks)
     if kind == "lexinvariant":
         embed = LexinvariantEmbedding(model_cfg.vocab_size, model_cfg.d_model, model_cfg.scale_bias,
-                                      model_cfg.get("readout_block", 0))
+                                      model_cfg.readout_block)
     else:
         embed = TokenEmbedding(model_cfg.vocab_size, model_cfg.d_model, tied=model_cfg.tied)
     return Transformer(tcfg, embed)
@@ -55,20 +57,22 @@ class LanguageModelTask:
     def init(self, rng, batch):
         return self.model.init({"params": rng, "lexinv": rng}, batch["inputs"], batch["segment_ids"])
 
-    def apply(self, params, batch, rng, **kwargs):
-        """(logits (B, L, V), hidden dict). rng keys the lexinvariant tables / substitutions."""
+    def apply(self, params, batch, rng, constants=None, **kwargs):
+        """(logits (B, L, V), hidden dict). rng keys the lexinvariant tables / substitutions; `constants`
+        (Task.constants of a subclass) is the model's 'constants' collection."""
         inputs = batch["inputs"]
         sub_rng, lex_rng = jax.random.split(rng)
         if self.cfg.kind == "semi" and self.cfg.semi_p > 0:
             inputs = semi_lexinvariant_substitute(inputs, sub_rng, self.cfg.semi_p, self.cfg.vocab_size)
-        return self.model.apply(params, inputs, batch["segment_ids"], rngs={"lexinv": lex_rng}, **kwargs)
+        variables = dict(params, constants=constants) if constants else params
+        return self.model.apply(variables, inputs, batch["segment_ids"], rngs={"lexinv": lex_rng}, **kwargs)
 
-    def position_nll(self, params, batch, rng):
-        nll, _ = self.apply(params, batch, rng, targets=batch["targets"])
+    def position_nll(self, params, batch, rng, constants=None):
+        nll, _ = self.apply(params, batch, rng, constants=constants, targets=batch["targets"])
         return nll
 
-    def loss(self, params, batch, rng):
-        nll = self.position_nll(params, batch, rng)
+    def loss(self, params, batch, rng, constants=None):
+        nll = self.position_nll(params, batch, rng, constants=constants)
         w = batch["weights"]
         count = jnp.maximum(w.sum(), 1.0)
         loss = (nll * w).sum() / count

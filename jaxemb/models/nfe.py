@@ -176,7 +176,7 @@ class KGETask:
 
     cfg: name, dim, gamma, init_scale, loss ('logistic': sum over entities of softplus(-y s), as the reference
     code; or 'softmax': cross-entropy over entities), n3 (regulariser weight), ties (ranking).
-    Batches: head, rel, tail (B,) int32, weight (B,) float32 (0 for padding), filter (B, K) for ranking.
+    Batches: head, rel, tail (B,) int32, weights (B,) float32 (0 for padding), filter (B, K) for ranking.
     """
 
     tokens_per_example = 1
@@ -220,7 +220,7 @@ class KGETask:
     def loss(self, params, batch, rng):
         q, bq, k, bk = self._parts(params, batch["head"], batch["rel"])
         per = one_vs_all_loss(q, bq, k, bk, batch["tail"], self.num_entities, self.cfg.loss)
-        w = batch["weight"]
+        w = batch["weights"]
         count = jnp.maximum(jnp.sum(w), 1.0)
         nll = jnp.sum(w * per) / count
         reg = jnp.zeros(())

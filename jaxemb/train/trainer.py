@@ -7,6 +7,7 @@ names that the config's rules map to mesh axes; optimizer state follows its para
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import time
 
@@ -19,16 +20,29 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxemb.train import distributed
 from jaxemb.train.checkpoint import Checkpointer, abstract_like
+from jaxemb.train.constants import load_tree, place_tree
 from jaxemb.train.mesh import BATCH_AXES, batch_sharding, data_parallel_size, make_mesh, replicated, \
     rules_from_config
 from jaxemb.train.metrics import MetricsWriter, Progress
 from jaxemb.train.optim import make_optimizer
+from jaxemb.train.validate import validate_core_config
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 class NonFiniteLoss(FloatingPointError):
     pass
+
+
+@dataclasses.dataclass
+class FitResult:
+    """What `Trainer.fit` returns: the final train state, the step reached, seconds spent in this call's
+    training loop, and the last logged train and eval metrics (host floats)."""
+    state: dict
+    steps: int
+    train_seconds: float
+    train_metrics: dict
+    eval_metrics: dict
 
 
 def _path_key(path) -> tuple:
@@ -76,6 +90,7 @@ class Trainer:
     """Trains `task` as `cfg` says. cfg sections: seed, mesh, rules, train, optim, distributed."""
 
     def __init__(self, task, cfg, workdir: str):
+        validate_core_config(cfg)
         distributed.maybe_initialize(cfg.distributed)
         self.task, self.cfg, self.workdir = task, cfg, workdir
         self.mesh = make_mesh(dict(cfg.mesh.shape), cfg.mesh.num_devices)
@@ -104,6 +119,27 @@ class Trainer:
         self.is_main = jax.process_index() == 0
         self._train_step = self._eval_step = None
         self.state_shardings = None
+        self._constants = None  # placed on first use (Task.constants)
+
+    # -- constants -------------------------------------------------------------------------------------
+
+    @property
+    def constants(self):
+        """The task's constants (Task.constants), placed sharded on the mesh once; {} when it has none."""
+        if self._constants is None:
+            make = getattr(self.task, "constants", None)
+            with self.context():
+                self._constants = place_tree(make(), self.mesh, self.rules) if make is not None else {}
+        return self._constants
+
+    def _with_constants(self, fn):
+        """fn(params, batch, rng) for tasks without constants; fn(..., constants=c) for tasks with them."""
+        if getattr(self.task, "constants", None) is None:
+            return lambda p, b, r, c: fn(p, b, r)
+        return lambda p, b, r, c: fn(p, b, r, constants=c)
+
+    def _const_shardings(self):
+        return jax.tree.map(lambda x: x.sharding, self.constants)
 
     # -- contexts and placement ------------------------------------------------------------------------
 
@@ -148,24 +184,38 @@ class Trainer:
             batch_sh = self.batch_shardings(example_batch)
             state = jax.jit(init_fn, in_shardings=(rep, batch_sh), out_shardings=self.state_shardings)(
                 init_rng, example_batch)
+            pretrained = getattr(self.task, "pretrained", None)
+            for key, path in (pretrained() if pretrained is not None else {}).items():
+                if key not in boxed:
+                    raise KeyError(f"Task.pretrained() names params key {key!r}; the params have "
+                                   f"{sorted(boxed)}")
+                loaded = load_tree(path, boxed[key], self.mesh, self.rules)
+                # Re-initialise the optimizer state for the loaded values (Adam moments start at zero anyway).
+                params = dict(state["params"], **{key: loaded})
+                opt = jax.jit(self.tx.init, out_shardings=opt_sh)(params)
+                state = dict(state, params=params, opt_state=opt)
         return state
 
     # -- steps -----------------------------------------------------------------------------------------
 
-    def _loss_fn(self, params, batch, rng):
+    def _loss_fn(self, params, batch, rng, constants):
+        if self._trainable is not None:  # frozen parameters: no gradient computed, no update applied
+            params = jax.tree_util.tree_map_with_path(
+                lambda p, x: x if self._trainable(p) else jax.lax.stop_gradient(x), params)
         dtype = _DTYPES[self.cfg.train.compute_dtype]
         if dtype != jnp.float32:
             params = _cast_floats(params, dtype)  # fp32 master params; gradients come back in fp32
-        loss, metrics = self.task.loss(params, batch, rng)
+            constants = _cast_floats(constants, dtype)
+        loss, metrics = self._with_constants(self.task.loss)(params, batch, rng, constants)
         return loss.astype(jnp.float32), metrics
 
-    def _step_fn(self, state, batch):
+    def _step_fn(self, state, batch, constants):
         accum = self.cfg.train.accum_steps
         rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
         params = state["params"]
         grad_fn = jax.value_and_grad(self._loss_fn, has_aux=True)
         if accum == 1:
-            (loss, metrics), grads = grad_fn(params, batch, rng)
+            (loss, metrics), grads = grad_fn(params, batch, rng, constants)
         else:
             # Row r of micro-batch i is global row r * accum + i: every device keeps its share.
             def split(x):
@@ -177,10 +227,10 @@ class Trainer:
 
             def body(carry, inp):
                 i, mb = inp
-                (l, m), g = grad_fn(params, mb, jax.random.fold_in(rng, i))
+                (l, m), g = grad_fn(params, mb, jax.random.fold_in(rng, i), constants)
                 return jax.tree.map(jnp.add, carry, (g, l, m)), None
 
-            zeros = jax.eval_shape(lambda: grad_fn(params, jax.tree.map(lambda x: x[0], micro), rng))
+            zeros = jax.eval_shape(lambda: grad_fn(params, jax.tree.map(lambda x: x[0], micro), rng, constants))
             zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), ((zeros[1], zeros[0][0], zeros[0][1])))
             (grads, loss, metrics), _ = jax.lax.scan(body, zeros, (jnp.arange(accum), micro))
             grads, loss, metrics = jax.tree.map(lambda x: x / accum, (grads, loss, metrics))
@@ -199,7 +249,7 @@ class Trainer:
         # params and optimizer state as they were instead; it costs an extra pass over both (NFE-1 WN18RR:
         # 221 vs 200 ms per step on a 2-core CPU).
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        if self.cfg.train.get("guard_nonfinite", True):
+        if self.cfg.train.guard_nonfinite:
             keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
         else:
             keep = lambda new, old: new
@@ -210,45 +260,59 @@ class Trainer:
 
     def train_step(self, state, batch):
         """One optimizer step (with gradient accumulation); compiled once per batch structure."""
+        constants = self.constants
         if self._train_step is None:
             self._train_step = jax.jit(
-                self._step_fn, in_shardings=(self.state_shardings, self.batch_shardings(batch)),
+                self._step_fn, in_shardings=(self.state_shardings, self.batch_shardings(batch),
+                                             self._const_shardings()),
                 out_shardings=(self.state_shardings, replicated(self.mesh)), donate_argnums=(0,))
         with self.context():
-            return self._train_step(state, batch)
+            return self._train_step(state, batch, constants)
+
+    def _default_eval(self, params, batch, rng, constants):
+        loss, metrics = self._loss_fn(params, batch, rng, constants)
+        w = jnp.sum(batch["weights"]).astype(jnp.float32) if "weights" in batch else \
+            jnp.float32(jax.tree.leaves(batch)[0].shape[0])
+        return {k: (v * w, w) for k, v in dict(metrics, loss=loss).items()}
 
     def eval_step(self, params, batch, rng):
+        """{name: (sum, weight)} of one eval batch (Task.eval_step, or the weighted loss and metrics)."""
+        constants = self.constants
         if self._eval_step is None:
             fn = getattr(self.task, "eval_step", None)
-            if fn is None:
-                def fn(p, b, r):
-                    loss, metrics = self._loss_fn(p, b, r)
-                    return dict(metrics, loss=loss)
+            fn = self._default_eval if fn is None else self._with_constants(fn)
             self._eval_step = jax.jit(fn, in_shardings=(self.state_shardings["params"],
-                                                        self.batch_shardings(batch), replicated(self.mesh)),
+                                                        self.batch_shardings(batch), replicated(self.mesh),
+                                                        self._const_shardings()),
                                       out_shardings=replicated(self.mesh))
         with self.context():
-            return self._eval_step(params, batch, rng)
+            return self._eval_step(params, batch, rng, constants)
 
     def evaluate(self, params, source, num_batches: int) -> dict:
-        """Mean of the task's eval metrics over the first `num_batches` batches of `source`."""
+        """Exact eval metrics over the first `num_batches` batches of `source`: the task's sums and weights
+        added in float64 over all batches, divided once (a metric with zero total weight is NaN)."""
         rng = jax.random.key(self.cfg.seed + 1)  # the same eval randomness every time
-        totals = None
+        sums, weights = {}, {}
         for i in range(num_batches):
-            m = self.eval_step(params, self.put_batch(source, i), jax.random.fold_in(rng, i))
-            m = jax.device_get(m)
-            totals = m if totals is None else {k: totals[k] + m[k] for k in m}
-        return {k: float(v) / num_batches for k, v in (totals or {}).items()}
+            m = jax.device_get(self.eval_step(params, self.put_batch(source, i), jax.random.fold_in(rng, i)))
+            for k, pair in m.items():
+                if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
+                    raise TypeError(f"Task.eval_step must return {{name: (sum, weight)}}; {k!r} is {pair!r}")
+                sums[k] = sums.get(k, 0.0) + float(np.asarray(pair[0], np.float64))
+                weights[k] = weights.get(k, 0.0) + float(np.asarray(pair[1], np.float64))
+        return {k: sums[k] / weights[k] if weights[k] else float("nan") for k in sums}
 
     def map_batches(self, fn, params, source, num_batches: int, seed: int = 1) -> list:
         """Runs jit(fn)(params, batch, rng) over batches 0..num_batches-1 of `source` with the trainer's
         shardings; returns the host (numpy) outputs, one per batch. For probes and per-position metrics."""
-        jitted = jax.jit(fn)
+        jitted = jax.jit(self._with_constants(fn))
         rng = jax.random.key(self.cfg.seed + seed)
+        constants = self.constants
         outs = []
         with self.context():
             for i in range(num_batches):
-                outs.append(jax.device_get(jitted(params, self.put_batch(source, i), jax.random.fold_in(rng, i))))
+                batch = self.put_batch(source, i)
+                outs.append(jax.device_get(jitted(params, batch, jax.random.fold_in(rng, i), constants)))
         return outs
 
     # -- the loop --------------------------------------------------------------------------------------
@@ -259,8 +323,8 @@ class Trainer:
         Every cfg.train.eval_every steps: the task's eval metrics over `eval_source` and/or
         `eval_fn(state) -> dict` (e.g. ranking metrics) are logged; with cfg.train.best_metric set, the
         state with the best value so far is kept in workdir/best (see `restore_best`).
-        Returns the final state. Raises NonFiniteLoss naming the step if the loss becomes NaN/inf; the
-        last good checkpoint stays on disk.
+        Returns a FitResult. Raises NonFiniteLoss naming the step if the loss becomes NaN/inf; the last
+        good checkpoint stays on disk.
         """
         t = self.cfg.train
         if source.batch_size != t.batch_size:
@@ -284,6 +348,7 @@ class Trainer:
         tokens = t.batch_size * getattr(self.task, "tokens_per_example", 1)
         bar = Progress(t.steps, start, tokens, desc, enabled=self.is_main and t.progress)
         pending = None  # metrics of the previous step, read one step late so the host never stalls the device
+        logged = {"train": {}, "eval": {}}
 
         def settle(item):
             step, metrics = item
@@ -297,10 +362,11 @@ class Trainer:
                                     f"training stopped and {where}")
             rate = bar.update(step, loss)
             if step % t.log_every == 0 or step == t.steps:
-                writer.write(step, "train", dict(metrics, tokens_per_s=rate))
+                logged["train"] = {k: float(v) for k, v in dict(metrics, tokens_per_s=rate).items() if np.ndim(v) == 0}
+                writer.write(step, "train", logged["train"])
 
+        started = time.perf_counter()
         try:
-            started = time.perf_counter()
             for step in range(start + 1, t.steps + 1):
                 batch = first if position == 0 else self.put_batch(source, position)
                 state, metrics = self.train_step(state, batch)
@@ -321,6 +387,7 @@ class Trainer:
                     if eval_fn is not None:
                         ev.update(eval_fn(state))
                     writer.write(step, "eval", ev)
+                    logged["eval"] = {k: float(v) for k, v in ev.items() if np.ndim(v) == 0}
                     if best is not None:
                         if t.best_metric not in ev:
                             raise KeyError(f"train.best_metric={t.best_metric!r} is not among the eval metrics "
@@ -333,14 +400,15 @@ class Trainer:
                                       force=True)
             if pending is not None:
                 settle(pending)
-            self.train_seconds = time.perf_counter() - started
+            seconds = time.perf_counter() - started
         finally:
             bar.close()
             writer.close()
             ckpt.close()
             if best is not None:
                 best.close()
-        return state
+        return FitResult(state=state, steps=max(start, t.steps), train_seconds=seconds,
+                         train_metrics=logged["train"], eval_metrics=logged["eval"])
 
     def restore_best(self, like_state):
         """(state, meta) of the best checkpoint (cfg.train.best_metric) in workdir/best."""

@@ -9,7 +9,9 @@ from kernels.attention_pool import reference, vjp
 
 IMPLEMENTATIONS = ("auto", "xla", "pallas_tpu", "pallas_gpu")
 KERNEL_DTYPES = (jnp.float32, jnp.bfloat16)
-_TPU_VMEM_STATE = 16 * 1024 * 1024  # bytes of (S, H, D) f32 state the TPU kernel may hold
+# Smallest accepted temperature: the smallest normal float32. Below it 1/t is not
+# finite in float32 (1e-45 is a subnormal) and the scores would be inf or NaN.
+MIN_TEMPERATURE = float(np.finfo(np.float32).tiny)
 
 
 def attention_pool(x, queries, *, lengths=None, segment_ids=None, num_segments=None,
@@ -35,29 +37,39 @@ def attention_pool(x, queries, *, lengths=None, segment_ids=None, num_segments=N
     key_weight: optional (D, H, K) key projection folded into the queries,
       ``q[h] = key_weight[:, h] @ queries[h]`` (a key bias cancels in the softmax).
     value_weight, value_bias: optional (D, H, Dv) and (H, Dv) value projection,
-      applied after pooling (exact, since the weights sum to 1).
-    temperature: positive scalar (python number or array, differentiable).
+      applied after pooling (exact, since the weights sum to 1); value_bias
+      needs value_weight.
+    temperature: scalar (python number or array, differentiable), at least
+      MIN_TEMPERATURE (the smallest normal float32) and small enough that
+      queries / temperature stays finite; inf gives mean pooling.
     implementation: "auto" (Pallas on TPU/GPU, XLA elsewhere), "xla",
       "pallas_tpu" or "pallas_gpu".
     interpret: run the Pallas kernel in interpret mode (CPU testing): True (for
       pallas_tpu the TPU interpreter, pltpu.InterpretParams()), "hlo" (the generic
       interpreter; use it inside shard_map over simulated devices), or an
       InterpretParams object.
-    block_l: rows of x per kernel step; default picked per shape and backend.
+    block_l: rows of x per kernel step, a positive int; default picked per shape
+      and backend. pallas_gpu: a power of two >= 16; pallas_tpu: a multiple of
+      128. Ignored by "xla".
     backward: "kernel" (Pallas backward) or "xla" (autodiff of the reference).
 
   Returns:
     (B, H, Dv) without segment_ids, (B, S, H, Dv) with them; dtype of x.
-    Dv = D, or value_weight.shape[-1].
+    Dv = D, or value_weight.shape[-1]. L = 0 (every row empty) gives zeros.
 
-  Checks: shapes and dtypes are checked eagerly, always. Values (lengths in
-  [0, L], sorted segment ids, ids < num_segments, temperature > 0) are checked when
-  they are concrete; under jit they cannot be, and then lengths are clipped to
-  [0, L], ids >= num_segments are ignored and unsorted ids give unspecified
-  results.
+  Checks: shapes, dtypes and block_l are checked eagerly, always. Values (lengths
+  in [0, L], sorted segment ids, ids < num_segments, the temperature) are checked
+  when they are concrete; under jit they cannot be, and then lengths are clipped
+  to [0, L], ids >= num_segments are ignored, unsorted ids give unspecified
+  results, and a temperature that is not >= MIN_TEMPERATURE (0, negative, NaN) or
+  that makes queries / temperature overflow gives an all-NaN output, the same on
+  every implementation.
   """
-  impl = _resolve(implementation, x, queries, num_segments, segment_ids)
-  q = _fold_queries(x, queries, key_weight, temperature)
+  impl = _resolve(implementation, x, queries, num_segments, segment_ids, block_l)
+  q, bad_temperature = _fold_queries(x, queries, key_weight, temperature)
+  if value_bias is not None and value_weight is None:
+    raise ValueError("value_bias needs value_weight (the bias belongs to the value "
+                     "projection); pass value_weight or drop value_bias")
   B, L, D = x.shape
   if segment_ids is not None:
     if lengths is not None:
@@ -71,9 +83,14 @@ def attention_pool(x, queries, *, lengths=None, segment_ids=None, num_segments=N
     starts, ends = reference.ranges_from_lengths(lengths, L)
 
   pool = _pool_fn(impl, interpret, block_l, backward)
-  out = pool(x, q, starts, ends)                                 # (B, S, H, D) f32
+  if B == 0 or L == 0:   # nothing to pool: every row is empty
+    out = jnp.zeros(starts.shape + q.shape, jnp.float32)
+  else:
+    out = pool(x, q, starts, ends)                               # (B, S, H, D) f32
   if value_weight is not None:
     out = _project(out, value_weight, value_bias, ends > starts, q.shape[0], D)
+  if bad_temperature is not None:
+    out = jnp.where(bad_temperature, jnp.nan, out)
   out = out.astype(x.dtype)
   return out if segment_ids is not None else out[:, 0]
 
@@ -104,11 +121,16 @@ def _pool_uncached(mod, interpret, block_l, backward):
   return vjp.make_pool.__wrapped__(fwd, bwd)
 
 
-def _resolve(implementation, x, queries, num_segments, segment_ids):
-  """Shape/dtype checks on x and queries; returns the concrete implementation."""
+def _resolve(implementation, x, queries, num_segments, segment_ids, block_l):
+  """Shape/dtype/block checks on x and queries; returns the implementation."""
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, "
                      f"got {implementation!r}")
+  if block_l is not None and (isinstance(block_l, bool) or
+                              not isinstance(block_l, (int, np.integer)) or
+                              block_l <= 0):
+    raise ValueError(f"block_l must be a positive int (rows of x per kernel step) "
+                     f"or None, got {block_l!r}")
   if getattr(x, "ndim", None) != 3:
     raise ValueError(f"x must have shape (B, L, D), got {getattr(x, 'shape', x)}")
   if not jnp.issubdtype(x.dtype, jnp.floating):
@@ -128,27 +150,50 @@ def _resolve(implementation, x, queries, num_segments, segment_ids):
         implementation = "xla"
     if implementation != "xla" and (x.dtype not in KERNEL_DTYPES or
                                     _tpu_state_too_big(implementation, x, queries,
-                                                       num_segments, segment_ids)):
+                                                       num_segments, segment_ids, block_l)):
       implementation = "xla"
   if implementation != "xla":
     if x.dtype not in KERNEL_DTYPES:
       raise TypeError(f"{implementation} supports x of dtype float32 or bfloat16, "
                       f"got {x.dtype}; use implementation='xla'")
-    if _tpu_state_too_big(implementation, x, queries, num_segments, segment_ids):
-      raise ValueError("pallas_tpu keeps (S, H, D) float32 accumulators in VMEM; "
-                       "S * H * D is too large, use implementation='xla'")
+    if block_l is not None:
+      _check_block(implementation, block_l)
+    if _tpu_state_too_big(implementation, x, queries, num_segments, segment_ids,
+                          block_l):
+      from kernels.attention_pool import pallas_tpu
+      raise ValueError(f"pallas_tpu keeps (S, H, D) float32 accumulators in VMEM; "
+                       f"S * H * D = {_state(x, queries, num_segments, segment_ids)} "
+                       f"is too large for its {pallas_tpu.VMEM_BUDGET >> 20} MiB "
+                       f"budget, use implementation='xla'")
   return implementation
 
 
-def _tpu_state_too_big(impl, x, queries, num_segments, segment_ids):
+def _state(x, queries, num_segments, segment_ids):
+  s = num_segments or (1 if segment_ids is None else x.shape[1])
+  return s * queries.shape[0] * x.shape[2]
+
+
+def _check_block(impl, block_l):
+  if impl == "pallas_gpu" and (block_l < 16 or block_l & (block_l - 1)):
+    raise ValueError(f"block_l for pallas_gpu must be a power of two >= 16 (Triton "
+                     f"tiles), got {block_l}")
+  if impl == "pallas_tpu" and block_l % 128:
+    raise ValueError(f"block_l for pallas_tpu must be a multiple of 128 (TPU lane "
+                     f"tiling), got {block_l}")
+
+
+def _tpu_state_too_big(impl, x, queries, num_segments, segment_ids, block_l):
   if impl != "pallas_tpu":
     return False
+  from kernels.attention_pool import pallas_tpu
   s = num_segments or (1 if segment_ids is None else x.shape[1])
-  return 4 * s * queries.shape[0] * x.shape[2] * 4 > _TPU_VMEM_STATE
+  return not pallas_tpu.fits_vmem(x.shape[1], s, queries.shape[0], x.shape[2],
+                                  x.dtype.itemsize, block_l)
 
 
 def _fold_queries(x, queries, key_weight, temperature):
-  """(H, D) float32 queries with the key projection and temperature folded in."""
+  """(H, D) float32 queries with the key projection and temperature folded in,
+  and None, or under jit a traced bool that is True for a bad temperature."""
   D = x.shape[2]
   q = queries.astype(jnp.float32)
   if key_weight is not None:
@@ -164,9 +209,28 @@ def _fold_queries(x, queries, key_weight, temperature):
   t = jnp.asarray(temperature)
   if t.ndim != 0:
     raise ValueError(f"temperature must be a scalar, got shape {t.shape}")
-  if _concrete(t) and not float(t) > 0:
-    raise ValueError(f"temperature must be > 0, got {float(t)}")
-  return q / t.astype(jnp.float32)
+  if _concrete(t):
+    value = float(np.asarray(temperature))   # before a float32 cast flushes it to 0
+    if not value >= MIN_TEMPERATURE:
+      raise ValueError(f"temperature must be >= {MIN_TEMPERATURE:.4g} (the smallest "
+                       f"normal float32; 1/temperature must be finite), got {value:.4g}")
+  t = t.astype(jnp.float32)
+  if _concrete(t):
+    q, bad = q / t, False
+    if _concrete(q):
+      if not bool(jnp.isfinite(q).all()):
+        raise ValueError(f"queries / temperature must be finite in float32; got "
+                         f"temperature {float(t):.4g} with max |queries| "
+                         f"{float(jnp.abs(queries.astype(jnp.float32)).max()):.4g}")
+      return q, None
+  else:
+    bad = ~(t >= MIN_TEMPERATURE)
+    q = q / jnp.where(bad, 1.0, t)
+  # Traced: no error is possible. A bad temperature or non-finite folded queries
+  # give NaN on every path (the kernels get finite queries, so no backend's
+  # NaN/inf handling is involved).
+  bad = bad | ~jnp.isfinite(q).all()
+  return jnp.where(bad, 0.0, q), bad
 
 
 def _project(out, value_weight, value_bias, nonempty, H, D):

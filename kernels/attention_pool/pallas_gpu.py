@@ -1,8 +1,21 @@
 """GPU kernels for attention pooling over ranges (forward and backward).
 
-Backend: Pallas' Triton lowering, which JAX ships through 0.11 (deprecated there
-in favour of Mosaic GPU). The choice lives only in this file; when the Triton
-backend is missing, ``AVAILABLE`` is False and ``auto`` dispatch uses XLA.
+Backend: Pallas' Triton lowering (``pl.pallas_call`` with Triton compiler
+params), the one GPU backend every supported JAX lowers for this op. Upstream
+deprecates it from JAX 0.11; it still ships in 0.12. The backend lives only in
+this file; when it is missing, ``AVAILABLE`` is False and ``auto`` uses XLA.
+
+Why not Mosaic GPU yet (checked without a GPU, JAX 0.10.2 and 0.12.0.1): in 0.11+
+``pl.pallas_call`` has no Mosaic GPU rule any more (it fails with an
+AssertionError in the GPU lowering; Mosaic GPU is reached only through
+``plgpu.kernel``, whose signature differs between 0.10 and 0.12), and in 0.10.2
+a pallas_call of this kernel shape fails in Mosaic GPU layout inference (an iota
+needs ``plgpu.layout_cast``; broadcast-and-reduce scores give "Incompatible
+FragmentedArray layouts"). Mosaic GPU lowers no ``dot_general``: matmuls are
+``plgpu.wgmma`` (Hopper) or ``tcgen05_mma`` (Blackwell) on swizzled shared
+memory with at least 64 rows, and masked partial loads do not exist (TMA copies
+plus explicit barriers instead). A port is a rewrite per GPU generation, and 0.10
+has no Mosaic GPU interpreter to test it on CPU; it waits for a lent GPU.
 
 Forward: grid (B, S, head tiles x splits). Each program pools one range (row b,
 segment s) for a tile of heads over one chunk of that range, with an online
@@ -11,8 +24,14 @@ is too small to fill the GPU) are merged with a log-sum-exp in XLA.
 Backward: grid (B, S, splits); each program owns the rows of its chunk, so dx is
 written without atomics; dq partials are summed in XLA.
 All tiles are powers of two: D and H are padded (H to at least 16, the smallest
-Triton dot); x itself is never copied, its loads are masked.
+Triton dot); x itself is never copied, its loads are masked (masked-off elements
+read as 0 and scores of masked rows are set to -inf with jnp.where).
+
+Lowering without a GPU (tests, AOT): JAX >= 0.11 needs a target GPU; wrap the
+``.lower(lowering_platforms=("cuda",))`` call in ``abstract_gpu()``.
 """
+import contextlib
+import dataclasses
 import functools
 import warnings
 
@@ -36,7 +55,34 @@ BLOCK_CHOICES = (16, 32, 64, 128)   # rows of x per loop step
 HEAD_TILES = (16, 32, 64)           # heads per program
 _X_TILE_BYTES = 32 * 1024           # one x tile in registers / shared memory
 _ACC_FLOATS = 16 * 1024             # f32 accumulator elements per program
-_NUM_SMS = 132                      # H100 SXM; used only to size split-L
+_NUM_SMS = 132                      # H100/H200 SXM; split-L sizing without a GPU
+DEFAULT_GPU = "NVIDIA H100 80GB HBM3"
+
+
+def abstract_gpu(device_kind=DEFAULT_GPU, num_cores=_NUM_SMS):
+  """Context manager making the Triton lowering target ``device_kind`` when no
+  GPU is present. JAX >= 0.11 reads the target from the abstract mesh's
+  AbstractDevice ("No supported GPU devices found" without one); older JAX
+  ignores it and targets compute capability 9.0. A no-op where the JAX has no
+  AbstractDevice."""
+  sharding = jax.sharding
+  if not (hasattr(sharding, "AbstractDevice") and hasattr(sharding, "use_abstract_mesh")):
+    return contextlib.nullcontext()
+  fields = {f.name for f in dataclasses.fields(sharding.AbstractDevice)}
+  kw = dict(device_kind=device_kind, num_cores=num_cores, platform="gpu")
+  device = sharding.AbstractDevice(**{k: v for k, v in kw.items() if k in fields})
+  axis_types = getattr(sharding, "AxisType", None)
+  extra = {} if axis_types is None else {"axis_types": (axis_types.Auto,)}
+  mesh = sharding.AbstractMesh((1,), ("_gpu",), abstract_device=device, **extra)
+  return sharding.use_abstract_mesh(mesh)
+
+
+def _sm_count():
+  """Streaming multiprocessors of the local GPU; _NUM_SMS when there is none."""
+  try:
+    return int(jax.devices("gpu")[0].core_count)
+  except Exception:  # no GPU backend, or a device without core_count
+    return _NUM_SMS
 
 
 def config(seq_len, dim, heads, itemsize, block_l=None):
@@ -62,7 +108,7 @@ def config(seq_len, dim, heads, itemsize, block_l=None):
 def num_splits(batch, segments, head_tiles, seq_len, block_l, sms=None):
   """Split-L factor: enough programs to fill the GPU, at least 4 blocks each."""
   programs = batch * segments * head_tiles
-  want = max(1, (2 * (sms or _NUM_SMS) + programs - 1) // programs)
+  want = max(1, (2 * (sms or _sm_count()) + programs - 1) // programs)
   most = max(1, seq_len // (4 * block_l))
   n = 1
   while n * 2 <= min(want, most):
@@ -185,7 +231,7 @@ def _merge_splits(out, lse):
 
 
 def _bwd_kernel(starts_ref, ends_ref, q_ref, x_ref, g_ref, lse_ref, delta_ref,
-                dx_ref, dq_ref, *, block_l, splits, dim, head_tile):
+                dx_ref, dq_ref, *, block_l, splits, dim, head_tile, barrier):
   k, c = pl.program_id(1), pl.program_id(2)
   c_st, c_en, nblk = _chunk(starts_ref[k], ends_ref[k], c, splits, block_l)
   cmask = jnp.arange(dx_ref.shape[-1]) < dim
@@ -216,6 +262,10 @@ def _bwd_kernel(starts_ref, ends_ref, q_ref, x_ref, g_ref, lse_ref, delta_ref,
 
     dq = lax.fori_loop(0, nblk, body, jnp.zeros(q.shape, jnp.float32))
     dq_ref.at[heads, :][...] = dq
+    if barrier and t + 1 < num_tiles:
+      # The next tile reads back dx rows this tile stored, maybe from other
+      # threads of the program: a CTA barrier makes those stores visible.
+      pltriton.debug_barrier()
 
   # The last program of a row zeroes dx on its trailing padding.
   @pl.when((k == pl.num_programs(1) - 1) & (c == splits - 1))
@@ -247,7 +297,8 @@ def backward(x, queries, starts, ends, lse, g, delta, *, block_l=None,
   dx_dtype = x.dtype if nh == 1 else jnp.float32    # f32 when summing head tiles
   pad_h = ((0, 0), (0, 0), (0, hp - H))
   lse = jnp.pad(jnp.where(jnp.isfinite(lse), lse, 0.0), pad_h)
-  kernel = functools.partial(_bwd_kernel, block_l=bl, splits=ns, dim=D, head_tile=ht)
+  kernel = functools.partial(_bwd_kernel, block_l=bl, splits=ns, dim=D, head_tile=ht,
+                             barrier=not interpret)
   row = lambda b, k, c: (b, 0)
   dx, dq = pl.pallas_call(
       kernel,

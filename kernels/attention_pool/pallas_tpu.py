@@ -19,6 +19,42 @@ from jax.experimental.pallas import tpu as pltpu
 # so they satisfy the (8, 128) tiling rule for every dtype; D is always a full dim.
 BLOCK_CHOICES = (128, 256, 512, 1024)
 _BLOCK_BYTES = 2 * 1024 * 1024   # one x block; double-buffered by Pallas
+# VMEM the kernels may use (buffers as laid out in VMEM, see vmem_bytes). The
+# scoped default is 16 MiB on v4/v5e (32 MiB on v6e), so the kernels ask for
+# their estimate plus headroom; 32 MiB stays under the physical VMEM of v4-v6e.
+VMEM_BUDGET = 24 * 1024 * 1024
+_VMEM_HEADROOM = 8 * 1024 * 1024
+
+
+def _pad(n, m):
+  return -(-n // m) * m
+
+
+def vmem_bytes(block_l, segments, heads, dim, itemsize):
+  """Upper estimate of the VMEM the forward or backward kernel uses (the larger):
+  double-buffered blocks, scratch and the big temporaries, each padded to the
+  (8 or 16, 128) VMEM tiles ((S, H, 1) arrays take 128 lanes per row)."""
+  sub = 8 * (4 // itemsize)
+  x = 2 * _pad(block_l, sub) * _pad(dim, 128) * itemsize
+  q = 2 * _pad(heads, sub) * _pad(dim, 128) * itemsize
+  state = segments * _pad(heads, 8) * _pad(dim, 128) * 4   # one (S, H, D) f32
+  col = segments * _pad(heads, 8) * 128 * 4                # one (S, H, 1) f32
+  temps = 4 * _pad(heads, 8) * _pad(block_l, 128) * 4 + 2 * _pad(block_l, 8) * _pad(dim, 128) * 4
+  fwd = x + q + 3 * state + 4 * col + temps                # out x2, acc; lse x2, m, l
+  bwd = (x + q + 2 * state + 4 * col + 2 * _pad(block_l, sub) * _pad(dim, 128) * itemsize
+         + 2 * _pad(heads, 8) * _pad(dim, 128) * 4 + temps)  # g x2; lse, delta x2; dx, dq
+  return max(fwd, bwd)
+
+
+def fits_vmem(seq_len, segments, heads, dim, itemsize, block_l=None):
+  bl = block_l or pick_block_l(seq_len, dim, itemsize)
+  return vmem_bytes(bl, segments, heads, dim, itemsize) <= VMEM_BUDGET
+
+
+def _params(block_l, segments, heads, dim, itemsize):
+  need = vmem_bytes(block_l, segments, heads, dim, itemsize) + _VMEM_HEADROOM
+  return pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary"),
+                              vmem_limit_bytes=max(need, 16 * 1024 * 1024))
 
 
 def pick_block_l(seq_len, dim, itemsize):
@@ -140,8 +176,7 @@ def forward(x, queries, starts, ends, *, block_l=None, interpret=False):
       grid_spec=grid_spec,
       out_shape=[jax.ShapeDtypeStruct((B, S, H, D), jnp.float32),
                  jax.ShapeDtypeStruct((B, S, H, 1), jnp.float32)],
-      compiler_params=pltpu.CompilerParams(
-          dimension_semantics=("parallel", "arbitrary")),
+      compiler_params=_params(bl, S, H, D, x.dtype.itemsize),
       interpret=_interpret(interpret),
       name="attention_pool_fwd_tpu",
   )(seg_lo, seg_hi, last, starts.reshape(-1), ends.reshape(-1),
@@ -223,8 +258,7 @@ def backward(x, queries, starts, ends, lse, g, delta, *, block_l=None,
       grid_spec=grid_spec,
       out_shape=[jax.ShapeDtypeStruct((B, L, D), x.dtype),
                  jax.ShapeDtypeStruct((B, H, D), jnp.float32)],
-      compiler_params=pltpu.CompilerParams(
-          dimension_semantics=("parallel", "arbitrary")),
+      compiler_params=_params(bl, S, H, D, x.dtype.itemsize),
       interpret=_interpret(interpret),
       name="attention_pool_bwd_tpu",
   )(seg_lo, seg_hi, last, starts.reshape(-1), ends.reshape(-1),

@@ -53,6 +53,9 @@ def pool_ranges(x, queries, starts, ends):
     lse: (B, S, H) log-sum-exp of the scores over the range (-inf when empty).
   """
   dtype = jnp.promote_types(jnp.promote_types(x.dtype, queries.dtype), jnp.float32)
+  if x.shape[1] == 0:                                             # every range empty
+    shape = starts.shape + (queries.shape[0],)
+    return jnp.zeros(shape + (x.shape[2],), dtype), jnp.full(shape, -jnp.inf, dtype)
   mask = range_mask(starts, ends, x.shape[1])                    # (B, S, L)
   xf = jnp.where(mask.any(1)[..., None], x.astype(dtype), 0)     # padding -> 0
   scores = jnp.einsum("bld,hd->bhl", xf, queries.astype(dtype),

@@ -90,7 +90,7 @@ IDS = np.array([ord(c) for c in "O0lI1|oAж中"] + [TOK.ngram_ids["th"], TOK.ngr
                                                   0xFFFF, NGRAM_SLOTS.stop - 1])
 
 
-@pytest.mark.parametrize("font", [UNIFONT, DEJAVU])
+@pytest.mark.parametrize("font", [pytest.param(UNIFONT, marks=pytest.mark.requires_unifont), DEJAVU])
 def test_rendering_is_deterministic_and_binary(font):
     a = glyphs.render_tokens(TOK, IDS, glyphs.Renderer([glyphs.open_font(font)]))
     b = glyphs.render_tokens(TOK, IDS, glyphs.Renderer([glyphs.open_font(font)]))
@@ -103,6 +103,7 @@ def test_rendering_is_deterministic_and_binary(font):
     assert np.array_equal(x, y) and not np.array_equal(x, a)
 
 
+@pytest.mark.requires_unifont
 def test_unifont_glyph_is_centred_2x():
     cell = glyphs.open_font(UNIFONT).glyph(ord("A"))
     cols = np.flatnonzero(cell.any(axis=0))
@@ -137,6 +138,7 @@ def test_pca_matches_float64_reference_and_rows_are_unit_norm():
     np.testing.assert_allclose(full @ full.T, cos, atol=2e-5)
 
 
+@pytest.mark.requires_unifont
 def test_build_caches_by_font_and_settings(tmp_path):
     ids = IDS[:10]
     a = glyphs.build_glyph_matrix(TOK, ids, [UNIFONT], cache_dir=str(tmp_path))
@@ -163,6 +165,7 @@ def test_missing_and_unreadable_fonts(tmp_path):
         glyphs.open_font(str(bad_hex))
 
 
+@pytest.mark.requires_unifont
 def test_font_without_a_glyph_uses_the_fallback_font_then_a_code_point_label():
     dejavu, unifont = glyphs.open_font(DEJAVU), glyphs.open_font(UNIFONT)
     cjk = ord("中")

@@ -1,5 +1,6 @@
 import os
 import tarfile
+import warnings
 
 import jax.numpy as jnp
 import numpy as np
@@ -42,7 +43,7 @@ def test_filtered_ranking_with_ties_and_reciprocal_queries(tmp_path):
     src = kg.QuerySource(kg.reciprocal(g.test, g.num_relations), kg.Filter(g), batch_size=4)
     batch = src.get(0)
     np.testing.assert_array_equal(batch["filter"][:2, :2], [[1, -1], [3, -1]])  # other true tails: b; d
-    assert batch["weight"].tolist() == [1, 1, 0, 0]
+    assert batch["weights"].tolist() == [1, 1, 0, 0]
     scores = np.array([[2.0, 5.0, 2.0, 1.0],   # target a: b above but a known tail; c ties
                        [3.0, 0.5, 1.0, 4.0],   # target c: a above; d above but a known tail
                        [0, 0, 0, 0], [0, 0, 0, 0]], np.float32)
@@ -59,10 +60,10 @@ def test_filtered_ranking_with_ties_and_reciprocal_queries(tmp_path):
 def test_train_source_epochs_cover_every_triple_once(tmp_path):
     triples = np.arange(30, dtype=np.int32).reshape(10, 3)
     src = kg.TrainSource(triples, batch_size=4, seed=3)
-    assert src.steps_per_epoch == 3
+    assert src.num_batches == 3
     for epoch in range(2):
         batches = [src.get(epoch * 3 + i) for i in range(3)]
-        w = np.concatenate([b["weight"] for b in batches])
+        w = np.concatenate([b["weights"] for b in batches])
         heads = np.concatenate([b["head"] for b in batches])[w > 0]
         assert sorted(heads.tolist()) == triples[:, 0].tolist()
         assert w.tolist() == [1] * 10 + [0] * 2
@@ -147,3 +148,46 @@ def test_download_extracts_and_verifies_a_local_archive(tmp_path):
     assert kg.download("hand", str(root), url="file:///nonexistent") == path  # already there: no fetch
     with pytest.raises(ValueError, match="unknown dataset 'nope'"):
         kg.download("nope", str(root))
+
+
+def test_utf8_bom_at_the_start_of_a_file_is_dropped(tmp_path):
+    files = {k: "\ufeff" + v for k, v in HAND.items()}
+    for name in ("train", "valid", "test"):
+        (tmp_path / "bom").mkdir(exist_ok=True)
+        (tmp_path / "bom" / f"{name}.txt").write_text(files[name], encoding="utf-8")
+    g = kg.load(str(tmp_path / "bom"))
+    plain = kg.load(write_graph(tmp_path / "plain"))
+    assert g.entities == plain.entities == ["a", "b", "c", "d"] and g.relations == ["r1", "r2"]
+    for s in kg.SPLITS:
+        np.testing.assert_array_equal(g.split(s), plain.split(s))
+
+
+def test_duplicates_and_test_triples_in_train_are_counted_and_reported(tmp_path):
+    files = {"train": HAND["train"] + "a\tr1\tb\na\tr1\tb\nb\tr2\tc\n",  # 3 repeats
+             "valid": "a\tr1\td\na\tr1\td\n",                        # 1 repeat
+             "test": "c\tr2\ta\nb\tr2\tc\nd\tr2\ta\nd\tr2\ta\n"}       # 3 also in train, 1 repeat
+    d = write_graph(tmp_path / "dup", files)
+    with pytest.warns(UserWarning, match=r"duplicate triples per split \{'train': 3, 'valid': 1, 'test': 1\}; "
+                                         r"valid/test triples also in train \{'valid': 0, 'test': 3\}"):
+        g = kg.load(d)
+    assert g.duplicates == {"train": 3, "valid": 1, "test": 1} and g.in_train == {"valid": 0, "test": 3}
+    assert (len(g.train), len(g.valid), len(g.test)) == (8, 2, 4)  # kept as given
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a clean graph gives no warning
+        clean = kg.load(write_graph(tmp_path / "hand"))
+    assert clean.duplicates == {"train": 0, "valid": 0, "test": 0} and clean.in_train == {"valid": 0, "test": 0}
+
+
+def test_overlap_counts_match_a_set_reference():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        arrays = {s: rng.integers(0, 4, (int(rng.integers(1, 40)), 3)).astype(np.int32) for s in kg.SPLITS}
+        dup, in_train = kg.overlap_counts(arrays)
+        train = {tuple(r) for r in arrays["train"].tolist()}
+        assert dup == {s: len(a) - len({tuple(r) for r in a.tolist()}) for s, a in arrays.items()}
+        assert in_train == {s: sum(tuple(r) in train for r in arrays[s].tolist()) for s in ("valid", "test")}
+
+
+def test_shipped_graphs_have_no_duplicates_or_leaks():
+    g = kg.load("umls", SHARED)
+    assert g.duplicates == {"train": 0, "valid": 0, "test": 0} and g.in_train == {"valid": 0, "test": 0}

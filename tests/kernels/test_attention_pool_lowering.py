@@ -1,7 +1,9 @@
 """Every block configuration the dispatchers can pick is lowered for TPU (Mosaic)
 and CUDA (Triton), forward and backward, with no accelerator present. This runs
 the Pallas-level checks (tiling, power-of-two shapes, supported ops); the backend
-compilers proper (Mosaic passes, ptxas) still only run on the device."""
+compilers proper (Mosaic passes, ptxas) still only run on the device. CUDA
+lowering runs inside pallas_gpu.abstract_gpu(): JAX >= 0.11 needs an abstract GPU
+device to lower the Triton kernels without a GPU."""
 import itertools
 
 import jax
@@ -29,6 +31,11 @@ def _train_step(impl, B, L, D, H, S, dtype, **kw):
   args = (SDS((B, L, D), dtype), SDS((H, D), jnp.float32), SDS((), jnp.float32),
           SDS((B, L) if S else (B,), jnp.int32))
   return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))), args
+
+
+def _lower_cuda(fn, args):
+  with pallas_gpu.abstract_gpu():
+    return fn.trace(*args).lower(lowering_platforms=("cuda",))
 
 
 def test_tpu_dispatcher_only_picks_listed_blocks():
@@ -68,21 +75,55 @@ def test_gpu_lowers_every_config(cfg, shape):
   L, D, H, dtype = shape
   # Segments mode; lengths mode is the same kernel with S = 1 (lowered below).
   fn, args = _train_step("pallas_gpu", 2, L, D, H, 3, dtype)
-  fn.trace(*args).lower(lowering_platforms=("cuda",))
+  text = _lower_cuda(fn, args).as_text()
+  assert text.count("__gpu$xla.gpu.triton") == 2     # forward and backward kernels
 
 
 def test_gpu_lowers_split_l():
   """Few programs -> split-L with the LSE merge (B x S small, L long)."""
   assert pallas_gpu.num_splits(1, 1, 1, 8192, 16) > 1
   fn, args = _train_step("pallas_gpu", 1, 8192, 128, 4, 0, jnp.bfloat16)
-  fn.trace(*args).lower(lowering_platforms=("cuda",))
+  _lower_cuda(fn, args)
+
+
+def _kernel_forward(mod, B, L, D, H, block_l):
+  """jit of the module-level forward with a given block (bypassing the API's
+  block_l check) and its abstract arguments."""
+  fn = jax.jit(lambda x, q, st, en: mod.forward(x, q, st, en, block_l=block_l)[0])
+  return fn, (SDS((B, L, D), jnp.float32), SDS((H, D), jnp.float32),
+              SDS((B, 1), jnp.int32), SDS((B, 1), jnp.int32))
 
 
 def test_lowering_rejects_a_bad_block():
   """The check is real: a block that breaks the tiling rules fails here."""
-  fn, args = _train_step("pallas_tpu", 2, 300, 64, 4, 0, jnp.float32, block_l=100)
+  fn, args = _kernel_forward(pallas_tpu, 2, 300, 64, 4, block_l=100)
   with pytest.raises(Exception, match="divisible by 8 and 128"):
     jax.export.export(fn, platforms=["tpu"])(*args)
-  fn, args = _train_step("pallas_gpu", 2, 300, 64, 4, 0, jnp.float32, block_l=100)
+  fn, args = _kernel_forward(pallas_gpu, 2, 300, 64, 4, block_l=100)
   with pytest.raises(Exception, match="power of 2"):
-    fn.trace(*args).lower(lowering_platforms=("cuda",))
+    _lower_cuda(fn, args)
+
+
+@pytest.mark.parametrize("impl,block_l", [("pallas_tpu", 100), ("pallas_gpu", 100),
+                                          ("pallas_gpu", 8)])
+def test_api_refuses_blocks_that_cannot_lower(impl, block_l):
+  """The API refuses such blocks up front, with the rule, before any lowering."""
+  with pytest.raises(ValueError, match=f"block_l for {impl} must be"):
+    attention_pool(jnp.zeros((2, 300, 64)), jnp.zeros((4, 64)), block_l=block_l,
+                   implementation=impl)
+
+
+def test_tpu_kernels_ask_for_the_vmem_they_need():
+  """Large (S, H, D) state raises the scoped-VMEM limit above the 16 MiB default,
+  and the lowered kernel carries it; state past the budget is refused."""
+  assert pallas_tpu.fits_vmem(4096, 8, 16, 1024, 2)
+  need = pallas_tpu.vmem_bytes(512, 8, 16, 1024, 2)
+  assert 16 * 2**20 < need + pallas_tpu._VMEM_HEADROOM <= 32 * 2**20
+  fn, args = _train_step("pallas_tpu", 2, 4096, 1024, 16, 8, jnp.bfloat16)
+  text = jax.export.export(fn, platforms=["tpu"])(*args).mlir_module()
+  assert "vmem_limit" in text or str(need + pallas_tpu._VMEM_HEADROOM) in text
+  assert not pallas_tpu.fits_vmem(4096, 64, 64, 1024, 2)
+  with pytest.raises(ValueError, match="too large for its 24 MiB budget"):
+    attention_pool(jnp.zeros((1, 4096, 1024), jnp.bfloat16), jnp.zeros((64, 1024)),
+                   segment_ids=jnp.zeros((1, 4096), jnp.int32), num_segments=64,
+                   implementation="pallas_tpu")

@@ -36,6 +36,7 @@ def _paths(tree):
             for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
+@pytest.mark.requires_unifont
 def test_frozen_glyph_table_is_bit_identical_sharded_and_has_no_optimizer_state(tmp_path):
     table = _table()
     cfg = _cfg("glyph")
@@ -43,17 +44,34 @@ def test_frozen_glyph_table_is_bit_identical_sharded_and_has_no_optimizer_state(
     task = GlyphLMTask(cfg.model, SEQ, table, np.ones(VOCAB))
     trainer = Trainer(task, cfg, str(tmp_path))
     src = _source()
-    state = trainer.fit(src)
-    emb = state["params"]["params"]["embed"]["embedding"]
+    state = trainer.fit(src).state
+    emb = trainer.constants["embed"]["embedding"]
     assert np.asarray(emb).tobytes() == table.tobytes()  # bit-identical after 3 optimizer steps
     assert emb.sharding.spec == P("tensor", "fsdp") and len(emb.sharding.device_set) == 8
+    assert "embedding" not in state["params"]["params"]["embed"]  # a constant: not a parameter
     opt = _paths(state["opt_state"])
     assert not any("embedding" in p for p, _ in opt)  # no moments for the frozen table
     head_mu = [x for p, x in opt if "mu" in p and "head" in p]
     assert len(head_mu) == 1 and head_mu[0].shape == (32, VOCAB) and np.asarray(head_mu[0]).any()
-    # and no gradient reaches it
-    grads = jax.jit(jax.grad(lambda p: task.loss(p, src.get(0), jax.random.key(0))[0]))(state["params"])
-    assert not np.asarray(grads["params"]["embed"]["embedding"]).any()
+    # the table is read: another table gives another loss
+    b = trainer.put_batch(src, 0)
+    loss = lambda c: float(task.loss(state["params"], b, jax.random.key(0), constants=c)[0])
+    other = {"embed": {"embedding": emb[::-1]}}
+    assert loss(trainer.constants) != loss(other)
+
+
+def test_frozen_random_table_gets_no_update_and_no_optimizer_state(tmp_path):
+    cfg = _cfg("random")
+    task = GlyphLMTask(cfg.model, SEQ)
+    trainer = Trainer(task, cfg, str(tmp_path))
+    src = _source()
+    start = jax.device_get(trainer.init_state(trainer.put_batch(src, 0))["params"]["params"]["embed"]["embedding"])
+    state = trainer.fit(src).state
+    emb = state["params"]["params"]["embed"]["embedding"]
+    np.testing.assert_array_equal(np.asarray(emb), start)
+    assert not any("embedding" in p for p, _ in _paths(state["opt_state"]))
+    counts = task.parameter_counts(state["params"])
+    assert counts["frozen_parameters"] == VOCAB * 32 and counts["parameters"] > VOCAB * 32
 
 
 @pytest.mark.parametrize("kind", ["random", "trainable"])
@@ -72,6 +90,7 @@ def test_random_and_trainable_tables(kind):
             np.testing.assert_allclose(np.abs(emb), 32 ** -0.5, rtol=1e-6)
 
 
+@pytest.mark.requires_unifont
 def test_glyph_encode_reads_the_table_and_projection_options():
     table, tokens = _table(dim=64), _source().get(0)["inputs"]
     embed = GlyphLMTask(_cfg("glyph").model, SEQ, table).model.embed
@@ -79,8 +98,8 @@ def test_glyph_encode_reads_the_table_and_projection_options():
         embed.init(jax.random.key(0), tokens, method=embed.encode)
     embed = GlyphLMTask(_cfg("glyph", projection="learned").model, SEQ, table).model.embed
     params = nn.unbox(embed.init(jax.random.key(0), tokens, method=embed.encode))
-    assert params["params"]["proj"]["kernel"].shape == (64, 32)
-    np.testing.assert_array_equal(np.asarray(params["params"]["embedding"]), table)
+    assert params["params"]["proj"]["kernel"].shape == (64, 32) and "embedding" not in params["params"]
+    params = {"params": params["params"], "constants": {"embedding": table}}
     x, _ = embed.apply(params, tokens, method=embed.encode)
     proj = np.asarray(params["params"]["proj"]["kernel"])
     np.testing.assert_allclose(np.asarray(x), table[tokens] * 8.0 @ proj, rtol=1e-5, atol=1e-5)
@@ -98,10 +117,8 @@ def test_paper_config_shapes_and_sharding():
     batch = {"inputs": jax.ShapeDtypeStruct((1, 1024), np.int32),
              "segment_ids": jax.ShapeDtypeStruct((1, 1024), np.int32)}
     boxed = jax.eval_shape(task.init, jax.random.key(0), batch)
-    emb = boxed["params"]["embed"]["embedding"]
+    emb = task.constants()["embed"]["embedding"]
     assert emb.value.shape == (65536, 1024) and emb.names == ("vocab", "embed")
     assert len([k for k in boxed["params"] if k.startswith("block_")]) == 16
     assert boxed["params"]["block_0"]["attn"]["qkv"]["kernel"].value.shape == (1024, 3, 32, 32)
-    leaves = _paths(nn.unbox(boxed))
-    frozen = sum(np.prod(x.shape) for p, x in leaves if task.frozen(p))
-    assert frozen == 65536 * 1024
+    assert task.parameter_counts(nn.unbox(boxed))["frozen_parameters"] == 65536 * 1024

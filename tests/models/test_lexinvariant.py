@@ -107,7 +107,7 @@ def test_lexinvariant_model_learns_in_context(tmp_path):
     src = text.PackedSource(text.pack([tok.encode(d) for d in docs], 48), 16, 0)
     task = LanguageModelTask(cfg.model, 48)
     trainer = Trainer(task, cfg, str(tmp_path))
-    state = trainer.fit(src)
+    state = trainer.fit(src).state
     rows = text.contiguous_rows([tok.encode(d) for d in docs[:64]], 48, 64)
 
     class Rows:

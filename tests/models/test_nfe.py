@@ -52,7 +52,7 @@ def make(model, loss="logistic", n3=0.0, pad=1, seed=0):
     rng = np.random.default_rng(seed)
     batch = {"head": rng.integers(0, N, B).astype(np.int32), "rel": rng.integers(0, R, B).astype(np.int32),
              "tail": rng.integers(0, N, B).astype(np.int32),
-             "weight": np.array([1] * (B - 2) + [0, 0], np.float32)}
+             "weights": np.array([1] * (B - 2) + [0, 0], np.float32)}
     return task, params, batch
 
 
@@ -108,7 +108,7 @@ def test_loss_matches_direct_formula_and_ignores_padding(loss):
         per = np.sum(softplus((1 - 2 * y) * s), 1)
     else:
         per = np.log(np.sum(np.exp(s), 1)) - s[np.arange(B), batch["tail"]]
-    want = np.sum(per * batch["weight"]) / batch["weight"].sum()
+    want = np.sum(per * batch["weights"]) / batch["weights"].sum()
     np.testing.assert_allclose(float(got), want, rtol=1e-5)
     assert float(metrics["n3"]) == 0.0
 
@@ -119,7 +119,7 @@ def test_complex_n3_regulariser():
     ent, rel = (flat(params[k]) for k in ("entity", "relation"))
     mod = lambda x: np.abs(x[..., :D] + 1j * x[..., D:]) ** 3
     per = mod(ent[batch["head"]]).sum(1) + mod(rel[batch["rel"]]).sum(1) + mod(ent[batch["tail"]]).sum(1)
-    want = 0.01 * np.sum(per * batch["weight"]) / batch["weight"].sum()
+    want = 0.01 * np.sum(per * batch["weights"]) / batch["weights"].sum()
     np.testing.assert_allclose(float(metrics["n3"]), want, rtol=1e-5)
 
 
@@ -162,7 +162,7 @@ def test_one_vs_all_backward_matches_autodiff_float64(model, loss):
                 per = jnp.sum(jax.nn.softplus((1 - 2 * y) * s), 1)
             else:
                 per = jax.nn.logsumexp(s, 1) - jnp.sum(y * s, 1)
-            w = jnp.asarray(batch["weight"], s.dtype)
+            w = jnp.asarray(batch["weights"], s.dtype)
             return jnp.sum(w * per) / jnp.sum(w)
 
         got = jax.grad(lambda p: task.loss(p, batch, None)[0])(params)

@@ -42,7 +42,7 @@ def test_one_device_and_eight_devices_give_same_losses(tmp_path, kind):
         cfg.mesh.shape, cfg.mesh.num_devices = shape, n
         cfg.train.update(steps=5, log_every=1, checkpoint_every=0, eval_every=0, progress=False)
         trainer = Trainer(LanguageModelTask(cfg.model, cfg.data.seq_len), cfg, str(tmp_path / name))
-        state = trainer.fit(_lm_source(cfg))
+        state = trainer.fit(_lm_source(cfg)).state
         if name == "eight":  # parameters really are sharded over fsdp and tensor
             w = state["params"]["params"]["block_0"]["mlp"]["wi"]["kernel"]
             assert w.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
@@ -59,7 +59,7 @@ def test_gradient_accumulation_matches_full_batch(tmp_path):
         cfg = _cfg(accum_steps=accum)
         cfg.mesh.shape = dict(data=2, fsdp=2, tensor=2)
         tr = Trainer(Regression(), cfg, str(tmp_path / f"a{accum}"))
-        finals[accum] = np.asarray(tr.fit(ArraySource(data, 16))["params"]["w"])
+        finals[accum] = np.asarray(tr.fit(ArraySource(data, 16)).state["params"]["w"])
     np.testing.assert_allclose(finals[4], finals[1], rtol=1e-5, atol=1e-6)
 
 
@@ -69,7 +69,7 @@ def test_optimizer_state_follows_parameter_sharding(tmp_path, opt):
     cfg.optim.name = opt
     cfg.mesh.shape = dict(data=2, fsdp=4, tensor=1)
     tr = Trainer(Regression(dim=16, out=8), cfg, str(tmp_path))
-    state = tr.fit(ArraySource(regression_data(), 16))
+    state = tr.fit(ArraySource(regression_data(), 16)).state
     spec = state["params"]["w"].sharding.spec
     assert spec == jax.sharding.PartitionSpec("fsdp", "tensor")
     if opt == "adamw":
@@ -82,7 +82,7 @@ def test_bf16_compute_keeps_fp32_params(tmp_path):
     cfg = get_config("tiny")
     cfg.train.update(steps=3, compute_dtype="bfloat16", checkpoint_every=0, eval_every=0, progress=False, log_every=1)
     tr = Trainer(LanguageModelTask(cfg.model, cfg.data.seq_len), cfg, str(tmp_path))
-    state = tr.fit(_lm_source(cfg))
+    state = tr.fit(_lm_source(cfg)).state
     assert all(x.dtype == np.float32 for x in jax.tree.leaves(state["params"]))
     assert np.isfinite(_losses(str(tmp_path))).all()
 
@@ -108,8 +108,8 @@ def test_batch_not_divisible_by_data_parallel_size(tmp_path):
 def test_resume_finished_run_does_no_more_steps(tmp_path):
     cfg = _cfg(steps=4, checkpoint_every=2)
     src = ArraySource(regression_data(), 16)
-    w1 = np.asarray(Trainer(Regression(), cfg, str(tmp_path)).fit(src)["params"]["w"])
-    w2 = np.asarray(Trainer(Regression(), cfg, str(tmp_path)).fit(src)["params"]["w"])
+    w1 = np.asarray(Trainer(Regression(), cfg, str(tmp_path)).fit(src).state["params"]["w"])
+    w2 = np.asarray(Trainer(Regression(), cfg, str(tmp_path)).fit(src).state["params"]["w"])
     np.testing.assert_array_equal(w1, w2)
     assert [r["step"] for r in read_metrics(str(tmp_path / "metrics.jsonl"), "train")] == [1, 2, 3, 4]
 
@@ -127,7 +127,7 @@ def test_eval_fn_and_best_checkpoint(tmp_path):
     cfg = _cfg(steps=6, eval_every=2, checkpoint_every=2, best_metric="score", best_mode="max")
     scores = iter([0.5, 0.9, 0.7])
     tr = Trainer(Regression(), cfg, str(tmp_path))
-    state = tr.fit(ArraySource(regression_data(), 16), eval_fn=lambda st: {"score": next(scores)})
+    state = tr.fit(ArraySource(regression_data(), 16), eval_fn=lambda st: {"score": next(scores)}).state
     best, meta = tr.restore_best(state)
     assert meta == {"step": 4, "value": 0.9, "metric": "score"}
     assert int(best["step"]) == 4

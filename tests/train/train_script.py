@@ -39,7 +39,7 @@ def main():
     source = text.PackedSource(text.pack([tok.encode(d) for d in docs], cfg.data.seq_len),
                                cfg.train.batch_size, seed=3)
     trainer = Trainer(LanguageModelTask(cfg.model, cfg.data.seq_len), cfg, workdir)
-    state = trainer.fit(source)
+    state = trainer.fit(source).state
     params = jax.tree.map(lambda x: np.asarray(jax.device_get(x)) if x.is_fully_addressable else
                           np.asarray(multihost_utils.process_allgather(x, tiled=True)),
                           state["params"])
