@@ -7,7 +7,6 @@ the same stages at tiny sizes.
 """
 from __future__ import annotations
 
-import copy
 import gc
 import shutil
 import tempfile
@@ -26,7 +25,7 @@ PRESETS = {
         "nfe": dict(dataset="WN18RR", dim=1024, batch=128, steps=300, rounds=3, rank=True),
         "fidelity": dict(seq_len=512, batch=64, d_model=512, layers=8, heads=8, head_dim=64, mlp=2048,
                          max_chars=0, eval_rows=1024, lr=2e-3, calib_steps=20, min_steps=200,
-                         max_steps=20000),
+                         max_steps=20000, max_epochs=4),
     },
     "cpu-smoke": {
         "kernels": dict(impl="pallas_gpu", interpret=True, dtypes=("bfloat16", "float32"),
@@ -37,7 +36,7 @@ PRESETS = {
         "nfe": dict(dataset="WN18RR", dim=8, batch=128, steps=2, rounds=1, rank=False),
         "fidelity": dict(seq_len=32, batch=8, d_model=32, layers=2, heads=2, head_dim=16, mlp=64,
                          max_chars=200_000, eval_rows=32, lr=3e-3, calib_steps=2, min_steps=4,
-                         max_steps=12),
+                         max_steps=12, max_epochs=4),
     },
 }
 
@@ -170,19 +169,19 @@ def bench(p, deadline, out, flush):
     backend = jax.default_backend()
     kernel = "pallas_tpu" if backend == "tpu" else "pallas_gpu"  # the GPU kernel (interpreted on CPU)
     interpret = backend not in ("gpu", "tpu")
-    dev = jax.devices()[0]
     out.update(shapes=[list(s) for s in shapes], kernel=kernel, interpret=interpret,
-               peak_gbps=kb.peak_gbps(dev), rows=[], errors=[])
-    dtypes = [jnp.dtype(d).type for d in p["dtypes"]]
-    for shape in shapes:
-        for dtype in dtypes:
+               peak_gbps=kb.peak_gbps(jax.devices()[0]), rows=[], errors=[])
+    for shape in shapes:  # one shape at a time, so that what was measured is saved before a kill
+        for dtype in p["dtypes"]:
             if time.time() > deadline:
-                out["errors"].append(f"{shape} {jnp.dtype(dtype).name}: skipped (time budget)")
+                out["errors"].append(f"{shape} {dtype}: skipped (time budget)")
                 continue
             try:
-                out["rows"] += kb.run([shape], [dtype], kernel, interpret, p["iters"])
-            except (Exception, SystemExit) as e:  # bench.run exits on a kernel/XLA mismatch
-                out["errors"].append(f"{shape} {jnp.dtype(dtype).name}: {type(e).__name__}: {e}")
+                rows = kb.run([shape], [jnp.dtype(dtype).type], kernel, interpret, p["iters"])
+            except (Exception, SystemExit) as e:
+                rows = [dict(zip("BLDH", shape), dtype=dtype, mode="-", error=f"{type(e).__name__}: {e}")]
+            out["rows"] += [r for r in rows if not r.get("error")]
+            out["errors"] += [f"{shape} {dtype}: {r['error']}" for r in rows if r.get("error")]
             flush()
     out["table"] = kb.table(out["rows"]) if out["rows"] else ""
 
@@ -229,6 +228,8 @@ def nfe(p, deadline, out, flush):
     from benchmarks import kge_throughput as kt
     from jaxemb.data import kg
     cfg = kt.bench_config(p["dataset"], "nfe1", p["dim"], p["batch"])
+    if p.get("kg_root"):
+        cfg.data.root = p["kg_root"]
     graph = kg.load(cfg.data.source, cfg.data.root)
     workdir = tempfile.mkdtemp(prefix="accel_nfe_")
     try:
@@ -254,19 +255,20 @@ def fidelity_config(p):
 
 def fidelity(p, deadline, out, flush):
     from benchmarks import train_throughput as tt
+    from experiments import harness
     from experiments import lexinvariant as lx
     from jaxemb.models.lexinvariant import parameter_count
     cfg = fidelity_config(p)
     workdir = tempfile.mkdtemp(prefix="accel_fidelity_")
     try:
         t = time.perf_counter()
-        _, train, _, rows = lx.prepare(cfg, workdir)
+        data = lx.prepare(cfg, workdir)
         out.update(data=cfg.data.source, seq_len=cfg.data.seq_len, batch=cfg.train.batch_size,
-                   train_rows=int(train.num_rows), eval_rows=int(rows.num_batches * rows.batch_size),
+                   train_rows=int(data.train.num_rows), eval_rows=int(data.rows.num_rows),
                    prepare_s=time.perf_counter() - t)
         # Time the (slower) lexinvariant step on random tokens, then give both models the same step count.
-        probe = copy.deepcopy(cfg)
-        probe.model.kind = "lexinvariant"
+        probe = harness.with_settings(cfg, **{"model.vocab_size": data.derived["vocab_size"],
+                                              "model.kind": "lexinvariant"})
         t = time.perf_counter()
         step, _ = tt.jax_runner(probe, warmup=1)
         compile_s = time.perf_counter() - t
@@ -277,19 +279,21 @@ def fidelity(p, deadline, out, flush):
         del step
         gc.collect()
         per_model = (deadline - time.time() - 10) / 2 - 1.5 * compile_s
-        steps = int(min(p["max_steps"], max(p["min_steps"], 0.85 * per_model / step_s)))
+        most = min(p["max_steps"], p["max_epochs"] * data.train.num_batches)  # more epochs would overfit
+        steps = int(min(most, max(p["min_steps"], 0.85 * per_model / step_s)))
         cfg.train.steps = steps
         cfg.optim.warmup_steps = max(1, min(cfg.optim.warmup_steps * 5, steps // 10))
         out.update(calibration_step_ms=1e3 * step_s, calibration_compile_s=compile_s, steps=steps,
+                   epochs=steps / data.train.num_batches,
                    tokens_per_model=steps * cfg.train.batch_size * cfg.data.seq_len, models={})
         flush()
         losses = {}
         for kind in cfg.study.kinds:  # standard, lexinvariant
             t = time.perf_counter()
-            task, trainer, state = lx.train_kind(cfg, kind, train, None, workdir)
-            losses[kind] = lx.position_losses(task, trainer, state["params"], rows)
-            out["models"][kind] = {"parameters": parameter_count(state["params"]),
-                                   "train_seconds": getattr(trainer, "train_seconds", None),
+            variant = lx.train_kind(cfg, kind, data, workdir)
+            losses[kind] = lx.position_losses(variant, data.rows)
+            out["models"][kind] = {"parameters": parameter_count(variant.params),
+                                   "train_seconds": variant.result.train_seconds,
                                    "total_seconds": time.perf_counter() - t,
                                    "mean_ppl": float(np.exp(losses[kind].mean()))}
             flush()

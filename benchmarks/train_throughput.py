@@ -3,6 +3,7 @@
     python -m benchmarks.train_throughput                 # default + 150M configs, jaxemb and PyTorch
     python -m benchmarks.train_throughput --sizes default --steps 20 --no-torch
     python -m benchmarks.train_throughput --append        # also append the table to BENCHMARKS.md
+    python -m benchmarks.train_throughput --onednn both   # XLA:CPU with oneDNN off and on, one process each
 
 Reports train tokens/s, model FLOPs utilisation (MFU) against the measured fp32 (or bf16) matmul peak of
 the same backend, peak memory, and the tokens/s ratio jaxemb / PyTorch. On CPU the 150M config runs with a
@@ -21,7 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.harness import machine, run_cli, write_json
+from benchmarks.common import ONEDNN_MODES, machine, machine_line, rerun_each_onednn, set_onednn, strip_option
+from experiments.harness import run_cli, write_json
 from experiments.configs.lexinvariant import get_config
 from jaxemb.models.lexinvariant import LanguageModelTask, parameter_count
 from jaxemb.train import Trainer
@@ -157,8 +159,17 @@ def main(argv=None):
     p.add_argument("--no-torch", action="store_true")
     p.add_argument("--workdir", default="runs/bench_train")
     p.add_argument("--append", action="store_true", help="append the table to BENCHMARKS.md")
+    p.add_argument("--onednn", choices=ONEDNN_MODES, default="default",
+                   help="XLA:CPU oneDNN switch (--xla_cpu_use_onednn); 'both' runs off and on, one process each")
     args = p.parse_args(argv)
     os.makedirs(args.workdir, exist_ok=True)
+    if args.onednn == "both":
+        import sys
+        argv = list(sys.argv[1:] if argv is None else argv)
+        rest = strip_option(strip_option(argv, "--onednn"), "--workdir")
+        rerun_each_onednn("benchmarks.train_throughput", rest, "--workdir", args.workdir)
+        return
+    set_onednn(args.onednn)
     cfgs = configs(args.sizes.split(","), args.big_batch)
     bf16 = any(c.train.compute_dtype == "bfloat16" for c in cfgs.values())
     peak = matmul_peak(jnp.bfloat16 if bf16 else jnp.float32)
@@ -188,14 +199,15 @@ def main(argv=None):
                      f"{r['jax_tok_s']:,.0f} | {r['mfu']:.1%} | {r['peak_mem_gb']:.2f} | "
                      f"{r.get('torch_tok_s', float('nan')):,.0f} | {r.get('ratio', float('nan')):.2f}x |")
     table = "\n".join(lines)
-    print(f"\nmatmul peak ({'bf16' if bf16 else 'fp32'}): {peak / 1e9:.1f} GFLOP/s on {m['device']} "
-          f"({m['backend']}, {m['cpu_count']} cpus), jax {m['jax']}\n")
+    print(f"\nmatmul peak ({'bf16' if bf16 else 'fp32'}): {peak / 1e9:.1f} GFLOP/s; {machine_line(m)}; "
+          f"XLA:CPU oneDNN {args.onednn}\n")
     print(table)
-    write_json(os.path.join(args.workdir, "results.json"), {"rows": rows, "peak_flops": peak, "machine": m})
+    write_json(os.path.join(args.workdir, "results.json"), {"rows": rows, "peak_flops": peak, "machine": m,
+                                                             "onednn": args.onednn})
     if args.append:
         with open("BENCHMARKS.md", "a") as f:
-            f.write(f"\n### Training throughput, {m['date']}, {m['device']} ({m['backend']}, {m['cpu_count']} "
-                    f"cpus), jax {m['jax']}\nmatmul peak {peak / 1e9:.1f} GFLOP/s\n\n{table}\n")
+            f.write(f"\n### Training throughput, {machine_line(m)}, XLA:CPU oneDNN {args.onednn}\n"
+                    f"matmul peak {peak / 1e9:.1f} GFLOP/s\n\n{table}\n")
 
 
 if __name__ == "__main__":

@@ -149,6 +149,11 @@ def train_variant(name: str, task, cfg, workdir: str, train, valid=None, eval_fn
     return Variant(name, task, trainer, trainer.fit(train, valid, desc=desc or name, eval_fn=fn))
 
 
+def evaluate(variant: Variant, source) -> dict:
+    """The core's exact eval metrics of the variant over every batch of `source` (padding weighs 0)."""
+    return variant.trainer.evaluate(variant.params, source, source.num_batches)
+
+
 def map_rows(variant: Variant, fn, source, params=None) -> np.ndarray:
     """fn(params, batch, rng) over every batch of an in-order source, concatenated and cut to its real
     rows (the padding of the last batch dropped)."""

@@ -120,7 +120,7 @@ class SimpleAttentionPooling(nn.Module):
 
   Porting from PyTorch: the one parameter ``weight`` has shape (1, D), exactly
   ``torch.nn.Linear(D, 1).weight``; copy it as is (no transpose):
-  ``params["weight"] = linear.weight`` (ppiseq: ``pooler.w_proj.weight``). A
+  ``params["weight"] = linear.weight`` (ppiseq: ``AttentionPooling1D.w_proj.weight``). A
   Linear bias (ppiseq's ``bias=True``) adds the same constant to every score and
   cancels in the softmax, so there is none; drop it. Init is PyTorch's Linear
   default, U(-1/sqrt(D), 1/sqrt(D)). Same as ``AttentionPooling(num_heads=1,

@@ -15,7 +15,7 @@ def core_config() -> ml_collections.ConfigDict:
         steps=1000, batch_size=32, accum_steps=1, compute_dtype="float32",
         log_every=10, eval_every=0, eval_batches=4,
         checkpoint_every=500, keep_checkpoints=2, async_checkpoints=True, progress=True,
-        best_metric="", best_mode="max", guard_nonfinite=False)  # best_metric: an eval metric; its best checkpoint goes to workdir/best
+        best_metric="", best_mode="max", guard_nonfinite=False, on_config_change="refuse")  # best_metric: an eval metric; its best checkpoint goes to workdir/best
     c.optim = dict(name="adamw", lr=1e-3, end_lr=1e-4, warmup_steps=50, schedule="cosine",
                    b1=0.9, b2=0.98, eps=1e-9, weight_decay=0.01, clip_norm=1.0,
                    decay_steps=0, decay_rate=1.0)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import sys
 import time
 
 import flax.linen as nn
@@ -19,13 +20,14 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxemb.train import distributed
-from jaxemb.train.checkpoint import Checkpointer, abstract_like
+from jaxemb.train.checkpoint import Checkpointer, abstract_like, distributed_barrier
 from jaxemb.train.constants import load_tree, place_tree
 from jaxemb.train.mesh import BATCH_AXES, batch_sharding, data_parallel_size, make_mesh, replicated, \
     rules_from_config
 from jaxemb.train.metrics import MetricsWriter, Progress
 from jaxemb.train.optim import make_optimizer
 from jaxemb.train.validate import validate_core_config
+from jaxemb.train.workdir import RunLock, check_config
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -329,8 +331,31 @@ class Trainer:
         t = self.cfg.train
         if source.batch_size != t.batch_size:
             raise ValueError(f"data source batch size {source.batch_size} != train.batch_size {t.batch_size}")
-        ckpt = Checkpointer(os.path.join(self.workdir, "checkpoints"), keep=t.keep_checkpoints,
-                            every=t.checkpoint_every, async_save=t.async_checkpoints)
+        os.makedirs(self.workdir, exist_ok=True)
+        with RunLock(self.workdir, enabled=self.is_main):
+            return self._fit_locked(source, eval_source, desc, eval_fn)
+
+    def _finite(self, state) -> bool:
+        """Whether every float in params and optimizer state is finite: one reduction on device."""
+        if getattr(self, "_finite_fn", None) is None:
+            def all_finite(tree):
+                leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+                          if jnp.issubdtype(x.dtype, jnp.inexact)]
+                return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+            self._finite_fn = jax.jit(lambda s: all_finite((s["params"], s["opt_state"])),
+                                      out_shardings=replicated(self.mesh))
+        with self.context():
+            return bool(self._finite_fn(state))
+
+    def _fit_locked(self, source, eval_source, desc, eval_fn):
+        t = self.cfg.train
+        ckpt_dir = os.path.join(self.workdir, "checkpoints")
+        has_ckpt = os.path.isdir(ckpt_dir) and any(n.isdigit() for n in os.listdir(ckpt_dir))
+        if self.is_main:
+            check_config(self.workdir, self.cfg.to_dict(), t.on_config_change, has_ckpt)
+        distributed_barrier("config-checked")
+        ckpt = Checkpointer(ckpt_dir, keep=t.keep_checkpoints, every=t.checkpoint_every,
+                            async_save=t.async_checkpoints)
         best = Checkpointer(os.path.join(self.workdir, "best"), keep=1, async_save=False) if t.best_metric else None
         best_value = None
         if best is not None and best.latest_step() is not None:
@@ -338,11 +363,12 @@ class Trainer:
         first = self.put_batch(source, 0)
         state = self.init_state(first)
         start, position = 0, 0
-        if ckpt.latest_step() is not None:
-            state, meta = ckpt.restore(abstract_like(state, self.state_shardings))
+        log = print if self.is_main else (lambda *a, **k: None)
+        restored = ckpt.restore_readable(abstract_like(state, self.state_shardings), log=log)
+        if restored is not None:
+            state, meta = restored
             start, position = int(meta["step"]), int(meta["data_position"])
-            if self.is_main:
-                print(f"resumed from step {start} in {ckpt.directory}", flush=True)
+            log(f"resumed from step {start} in {ckpt.directory}", flush=True)
         writer = MetricsWriter(os.path.join(self.workdir, "metrics.jsonl"), resume_step=start,
                                enabled=self.is_main)
         tokens = t.batch_size * getattr(self.task, "tokens_per_example", 1)
@@ -350,16 +376,24 @@ class Trainer:
         pending = None  # metrics of the previous step, read one step late so the host never stalls the device
         logged = {"train": {}, "eval": {}}
 
+        def last_good():
+            ckpt.wait()  # a checkpoint counts once its save has completed (and it was verified finite)
+            last = ckpt.latest_step()
+            return f"the last good checkpoint is step {last} in {ckpt.directory}" if last is not None \
+                else "no checkpoint was written yet"
+
+        def verify(step):
+            if not self._finite(state):
+                raise NonFiniteLoss(f"parameters or optimizer state are non-finite after step {step} (the loss "
+                                    f"was finite); training stopped and {last_good()}")
+
         def settle(item):
             step, metrics = item
             metrics = jax.device_get(metrics)
             loss = float(metrics["loss"])
             if not np.isfinite(loss) or not np.isfinite(float(metrics["grad_norm"])):
-                last = ckpt.latest_step()
-                where = f"the last good checkpoint is step {last} in {ckpt.directory}" if last is not None \
-                    else "no checkpoint was written yet"
                 raise NonFiniteLoss(f"non-finite loss ({loss}) or gradient norm at step {step}; "
-                                    f"training stopped and {where}")
+                                    f"training stopped and {last_good()}")
             rate = bar.update(step, loss)
             if step % t.log_every == 0 or step == t.steps:
                 logged["train"] = {k: float(v) for k, v in dict(metrics, tokens_per_s=rate).items() if np.ndim(v) == 0}
@@ -381,6 +415,7 @@ class Trainer:
                     settle(pending)
                     pending = None
                 if do_ckpt:
+                    verify(step)
                     ckpt.save(step, state, {"step": step, "data_position": position}, force=True)
                 if do_eval:
                     ev = self.evaluate(state["params"], eval_source, t.eval_batches) if eval_source else {}
@@ -395,18 +430,29 @@ class Trainer:
                         value = float(ev[t.best_metric])
                         if best_value is None or (value > best_value if t.best_mode == "max"
                                                   else value < best_value):
+                            if not do_ckpt:
+                                verify(step)
                             best_value = value
                             best.save(step, state, {"step": step, "value": value, "metric": t.best_metric},
                                       force=True)
             if pending is not None:
                 settle(pending)
             seconds = time.perf_counter() - started
-        finally:
+        except BaseException:
             bar.close()
             writer.close()
-            ckpt.close()
-            if best is not None:
-                best.close()
+            for c in (ckpt, best):  # already failing: a save error too is printed, not raised over the first
+                if c is not None:
+                    try:
+                        c.close()
+                    except Exception as e:
+                        print(f"error: {e}", file=sys.stderr)
+            raise
+        bar.close()
+        writer.close()
+        ckpt.close()  # raises CheckpointError if the last save failed
+        if best is not None:
+            best.close()
         return FitResult(state=state, steps=max(start, t.steps), train_seconds=seconds,
                          train_metrics=logged["train"], eval_metrics=logged["eval"])
 

@@ -94,6 +94,7 @@ def validate_train(t, name="train"):
     if metric is not _MISSING and not isinstance(metric, str):
         _fail(f"{name}.best_metric", metric, "an eval metric name, or '' for none")
     _choice(t, name, "best_mode", ("max", "min"))
+    _choice(t, name, "on_config_change", ("refuse", "extend", "fresh"))
 
 
 def validate_optim(o, name="optim"):

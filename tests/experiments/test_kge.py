@@ -37,7 +37,7 @@ def test_sharded_training_and_metrics_equal_unsharded(umls, tmp_path):
         c = _cfg(mesh)
         c.train.batch_size = 256
         res = kge.train_model(c, g, filt, str(tmp_path / mesh))
-        losses = [r["loss"] for r in read_metrics(str(tmp_path / mesh / "metrics.jsonl"), "train")]
+        losses = [r["loss"] for r in read_metrics(str(tmp_path / mesh / "nfe1" / "metrics.jsonl"), "train")]
         out[mesh] = (losses, res["test"])
     for mesh in ("mixed8",):
         np.testing.assert_allclose(out[mesh][0], out["one"][0], rtol=1e-4)  # all-reduce order: ~1 ulp per step
@@ -123,6 +123,19 @@ def test_cli_errors_are_one_line(tmp_path):
                            env=dict(os.environ, JAX_NUM_CPU_DEVICES="1"))
         assert p.returncode == 2, p.stderr[-2000:]
         assert msg in p.stderr and "Traceback" not in p.stderr
+
+
+def test_step_counts_come_from_epochs_and_bad_epochs_are_refused_up_front(tmp_path):
+    c = _cfg("one")
+    assert kge.epoch_steps(c, kg.TrainSource(np.zeros((130, 3), np.int32), 64)) == \
+        {"train.steps": 3, "train.eval_every": 3, "optim.decay_steps": 3}  # 1 epoch of ceil(130 / 64) steps
+    assert c.train.steps == 0  # derived counts go to the trainer's copy, not into the study's config
+    for override, msg in [("train.steps=5", "train.steps=5: the KGE study trains whole epochs"),
+                          ("train.eval_every=2", "train.eval_every=2: the KGE study"),
+                          ("study.epochs=0", "study.epochs=0: expected a whole number of epochs >= 1"),
+                          ("study.eval_every_epochs=-1", "study.eval_every_epochs=-1")]:
+        with pytest.raises(ValueError, match=msg):
+            kge.main(["--config", "tiny", "--workdir", str(tmp_path / "w"), override, "--dataset", "nowhere"])
 
 
 def test_paper_configs():

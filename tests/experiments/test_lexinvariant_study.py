@@ -41,8 +41,8 @@ def test_unknown_config_key_is_a_clear_error():
 def test_cli_reports_bad_input_in_one_line(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
-    for args, msg in [(["--data", str(empty)], "holds no non-empty UTF-8 text files"),
-                      (["train.stepz=2"], "unknown config key"),
+    for args, msg in [(["--data", str(empty)], "holds no non-empty text files"),
+                      (["train.stepz=2", "--data", "pydoc"], "unknown config key"),  # overrides and options mix
                       (["data.seq_len=1"], "sequence length must be >= 2")]:
         p = subprocess.run([sys.executable, "-m", "experiments.lexinvariant", "--config", "tiny",
                             "--workdir", str(tmp_path / "w"), *args], cwd=ROOT, capture_output=True, text=True,

@@ -174,3 +174,37 @@ def test_poison_is_on():
   for interpret in (True, POISON):
     out = np.asarray(pl.pallas_call(half, out_shape=shape, interpret=interpret)())
     assert not out[:8].any() and np.isnan(out[8:]).all()
+
+
+@pytest.mark.parametrize("impl", INTERPRET)
+def test_empty_sequence_gives_zeros(impl):
+  """L = 0: every row is empty, so every path returns zeros, with zero gradients."""
+  rng = np.random.default_rng(1)
+  x = jnp.zeros((2, 0, 8), jnp.float32)
+  q = jnp.asarray(rng.normal(size=(3, 8)), jnp.float32)
+  proj = dict(value_weight=jnp.asarray(rng.normal(size=(8, 3, 5)), jnp.float32),
+              value_bias=jnp.asarray(rng.normal(size=(3, 5)), jnp.float32))
+  for kw, shape in [({}, (2, 3, 8)), (dict(lengths=jnp.zeros(2, jnp.int32)), (2, 3, 8)),
+                    (dict(segment_ids=jnp.zeros((2, 0), jnp.int32), num_segments=2),
+                     (2, 2, 3, 8)), (proj, (2, 3, 5))]:
+    pool = lambda q, kw=kw: attention_pool(x, q, implementation=impl,
+                                           interpret=INTERPRET[impl], **kw)
+    out = np.asarray(jax.jit(pool)(q))
+    assert out.shape == shape and not out.any() and not np.isnan(out).any()
+    g = np.asarray(jax.jit(jax.grad(lambda q: pool(q).sum()))(q))
+    assert np.isfinite(g).all() and not g.any()
+
+
+@pytest.mark.parametrize("impl", INTERPRET)
+def test_traced_bad_temperature_is_nan_on_every_path(impl):
+  """Under jit a temperature cannot be refused: one that is not >= the smallest
+  normal float32, or that makes queries / temperature overflow, gives an all-NaN
+  output on every path; a good traced temperature matches the reference."""
+  c = make_inputs(2, 40, 8, 3, "segments", "float32", 0.5, seed=2)
+  pool = jax.jit(lambda x, q, t: attention_pool(
+      x, q, temperature=t, implementation=impl, interpret=INTERPRET[impl], **c["kw"]))
+  for q, t in [(c["q"], 0.0), (c["q"], -1.0), (c["q"], np.nan), (c["q"], 1e-45),
+               (c["q"] + 1e3, 1.2e-38)]:
+    out = np.asarray(pool(c["x"], q, jnp.float32(t)))
+    assert np.isnan(out).all(), (t, out)
+  _close(pool(c["x"], c["q"], jnp.float32(0.5)), expected(c), TOL["float32"])
