@@ -5,7 +5,7 @@ loses nothing of the others, and writes DIR/results.json and DIR/results.md (upd
 
   kernels   compiled attention-pool kernels vs a float64 reference: forward and backward, ragged (lengths)
             and packed (segment_ids) inputs, bf16 and fp32, max errors and pass/fail per case
-  bench     the kernels.bench timing table (GB/s, % of HBM peak, speed-up over XLA, fwd and fwd+bwd)
+  bench     the jaxemb.kernels.bench timing table (GB/s, % of HBM peak, speed-up over XLA, fwd and fwd+bwd)
   lm        the 150M LM (paper shapes) in bf16: tokens/s and MFU against a bf16 matmul peak measured here
   nfe       NFE-1 at the paper config on WN18RR (d 1024): steps/s and projected epoch time
   fidelity  standard vs lexinvariant LM (~25M parameters) trained for the time left on the embedded corpus:
@@ -184,8 +184,8 @@ def headline(name: str, r: dict) -> str:
         return f"{len(r.get('rows', []))} rows" + (f"; best forward {_f(best['gbps'])} GB/s"
                                                    f" ({_f(best['pct_peak'], '.0f')}% of peak)" if best else "")
     if name == "lm" and "tokens_per_s" in r:
-        return (f"{r['params'] / 1e6:.0f}M params, {r['tokens_per_s']:,.0f} tok/s, MFU {r['mfu']:.1%} of the "
-                f"measured bf16 peak {r['measured_bf16_peak_flops'] / 1e12:.0f} TFLOP/s")
+        return (f"{_f(r['params'] / 1e6)}M params, {r['tokens_per_s']:,.0f} tok/s, MFU {r['mfu']:.1%} of the "
+                f"measured bf16 peak {_f(r['measured_bf16_peak_flops'] / 1e12)} TFLOP/s")
     if name == "nfe" and "step_ms" in r:
         return f"{r['steps_per_s']:.1f} steps/s, projected epoch {r['epoch_s']:.1f} s ({r['steps_per_epoch']} steps)"
     if name == "fidelity" and r.get("table"):
@@ -213,7 +213,7 @@ def stage_markdown(name: str, r: dict) -> list:
                 f"| {r['params'] / 1e6:.1f}M | {r['batch']}x{r['seq']} | {r['dtype']} | {r['optimizer']} | "
                 f"{r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | {r['mfu']:.1%} | "
                 f"{'-' if r['mfu_spec'] is None else format(r['mfu_spec'], '.1%')} | "
-                f"{r['measured_bf16_peak_flops'] / 1e12:.1f} | {r['peak_memory_gib']:.1f} |"]
+                f"{_f(r['measured_bf16_peak_flops'] / 1e12)} | {r['peak_memory_gib']:.1f} |"]
     if name == "nfe" and "step_ms" in r:
         return ["| dataset | model | dim | batch | step ms | steps/s | triples/s | steps/epoch | epoch s | "
                 "rank valid s |", "|" + "---|" * 10,

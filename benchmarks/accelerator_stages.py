@@ -114,7 +114,7 @@ def random_case(rng, B, L, D, H, mode, max_segments=4):
 def kernels(p, deadline, out, flush):
     import jax
     import jax.numpy as jnp
-    from kernels.attention_pool import attention_pool
+    from jaxemb.kernels.attention_pool import attention_pool
     rng = np.random.default_rng(0)
     out.update(implementation=p["impl"], interpret=p["interpret"], tolerance=TOLERANCE, cases=[])
     for (B, L, D, H) in p["shapes"]:
@@ -159,12 +159,12 @@ def kernels(p, deadline, out, flush):
     out["all_pass"] = bool(checked) and out["passed"] == len(checked) == len(out["cases"])
 
 
-# -- stage 2: kernels.bench timing table ------------------------------------------------------------------
+# -- stage 2: jaxemb.kernels.bench timing table ------------------------------------------------------------------
 
 def bench(p, deadline, out, flush):
     import jax
     import jax.numpy as jnp
-    from kernels import bench as kb
+    from jaxemb.kernels import bench as kb
     shapes = [s for s in getattr(kb, "PRESETS", {}).get(p["preset"], p["fallback"]) if s[1] <= p["max_len"]]
     backend = jax.default_backend()
     kernel = "pallas_tpu" if backend == "tpu" else "pallas_gpu"  # the GPU kernel (interpreted on CPU)

@@ -1,4 +1,4 @@
 """Pallas kernels for jaxemb, one folder per op; each has an XLA reference."""
-from kernels.attention_pool import attention_pool, attention_pool_sharded
+from .attention_pool import attention_pool, attention_pool_sharded
 
 __all__ = ["attention_pool", "attention_pool_sharded"]

@@ -1,4 +1,4 @@
-"""Attention-pooling benchmark: `python -m kernels.bench [--preset NAME]`.
+"""Attention-pooling benchmark: `python -m jaxemb.kernels.bench [--preset NAME]`.
 
 Presets: gpu and tpu (the accelerator tables, L up to 32k), small (CPU), and
 cpu-smoke (tiny shapes, both kernels in interpret mode; the suite runs it so the
@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels.attention_pool import api
+from .attention_pool import api
 
 # Peak HBM bandwidth in GB/s by device_kind substring (vendor spec sheets).
 PEAK_GBPS = {"H200": 4800, "H100": 3350, "A100": 2039, "L4": 300,

@@ -4,7 +4,7 @@ Standard multi-head attention of H learned queries over a sequence,
 ``softmax(q_h . (x W_k,h + b_k,h) / sqrt(K)) (x W_v,h + b_v,h)``, computed without
 ever building K or V: the key projection is folded into the queries (the key bias
 cancels in the softmax) and the value projection is applied after pooling (the
-weights sum to 1). The pooling itself is ``kernels.attention_pool`` (Pallas on
+weights sum to 1). The pooling itself is ``jaxemb.kernels.attention_pool`` (Pallas on
 TPU/GPU, XLA on CPU). Params carry logical axis names ('embed', 'heads', 'kv',
 'mlp') for the training core's sharding rules.
 
@@ -26,8 +26,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from kernels import attention_pool, attention_pool_sharded
-from kernels.attention_pool.sharded import axis_size, kernel_implementation
+from jaxemb.kernels import attention_pool, attention_pool_sharded
+from jaxemb.kernels.attention_pool.sharded import axis_size, kernel_implementation
 
 BATCH, HEADS = "batch", "heads"  # logical axis names, as in nn/transformer.py
 
@@ -49,7 +49,7 @@ class AttentionPooling(nn.Module):
     mlp_dim: if set, big_vision's MAP head: LayerNorm + MLP(mlp_dim) residual.
     temperature: divides the scores; default sqrt(K) (sqrt(D) without projections).
     learn_temperature: learn log(temperature) (the TempScale knob).
-    implementation, interpret: passed to ``kernels.attention_pool``.
+    implementation, interpret: passed to ``jaxemb.kernels.attention_pool``.
   """
   num_heads: int = 1
   head_dim: int | None = None
@@ -146,7 +146,7 @@ class SimpleAttentionPooling(nn.Module):
 
 
 def pool(x, queries, *, implementation="auto", interpret=False, **kwargs):
-  """``kernels.attention_pool`` placed on the active mesh and logical-axis rules
+  """``jaxemb.kernels.attention_pool`` placed on the active mesh and logical-axis rules
   (see the module docstring). Same arguments and result."""
   impl = kernel_implementation(implementation, x, queries,
                                segment_ids=kwargs.get("segment_ids"),

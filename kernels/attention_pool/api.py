@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels.attention_pool import reference, vjp
+from . import reference, vjp
 
 IMPLEMENTATIONS = ("auto", "xla", "pallas_tpu", "pallas_gpu")
 KERNEL_DTYPES = (jnp.float32, jnp.bfloat16)
@@ -99,9 +99,9 @@ def _pool_fn(impl, interpret, block_l, backward):
   if impl == "xla":
     return lambda x, q, s, e: reference.pool_ranges(x, q, s, e)[0]
   if impl == "pallas_tpu":
-    from kernels.attention_pool import pallas_tpu as mod
+    from . import pallas_tpu as mod
   else:
-    from kernels.attention_pool import pallas_gpu as mod
+    from . import pallas_gpu as mod
   if not isinstance(interpret, bool):  # InterpretParams objects are not hashable
     return _pool_uncached(mod, interpret, block_l, backward)
   fwd = functools.partial(mod.forward, block_l=block_l, interpret=interpret)
@@ -145,7 +145,7 @@ def _resolve(implementation, x, queries, num_segments, segment_ids, block_l):
     implementation = {"tpu": "pallas_tpu", "gpu": "pallas_gpu",
                       "cuda": "pallas_gpu"}.get(backend, "xla")
     if implementation == "pallas_gpu":
-      from kernels.attention_pool import pallas_gpu
+      from . import pallas_gpu
       if not pallas_gpu.AVAILABLE:
         implementation = "xla"
     if implementation != "xla" and (x.dtype not in KERNEL_DTYPES or
@@ -160,7 +160,7 @@ def _resolve(implementation, x, queries, num_segments, segment_ids, block_l):
       _check_block(implementation, block_l)
     if _tpu_state_too_big(implementation, x, queries, num_segments, segment_ids,
                           block_l):
-      from kernels.attention_pool import pallas_tpu
+      from . import pallas_tpu
       raise ValueError(f"pallas_tpu keeps (S, H, D) float32 accumulators in VMEM; "
                        f"S * H * D = {_state(x, queries, num_segments, segment_ids)} "
                        f"is too large for its {pallas_tpu.VMEM_BUDGET >> 20} MiB "
@@ -185,7 +185,7 @@ def _check_block(impl, block_l):
 def _tpu_state_too_big(impl, x, queries, num_segments, segment_ids, block_l):
   if impl != "pallas_tpu":
     return False
-  from kernels.attention_pool import pallas_tpu
+  from . import pallas_tpu
   s = num_segments or (1 if segment_ids is None else x.shape[1])
   return not pallas_tpu.fits_vmem(x.shape[1], s, queries.shape[0], x.shape[2],
                                   x.dtype.itemsize, block_l)

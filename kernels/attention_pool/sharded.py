@@ -6,7 +6,7 @@ import math
 import jax
 from jax.sharding import PartitionSpec as P
 
-from kernels.attention_pool import api
+from . import api
 
 
 def attention_pool_sharded(x, queries, *, mesh=None, axis="data", head_axis=None,

@@ -12,7 +12,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from kernels.attention_pool import reference
+from . import reference
 
 
 def reference_backward(x, queries, starts, ends, lse, g, delta):

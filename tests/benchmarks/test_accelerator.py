@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from benchmarks import accelerator, accelerator_stages as st
-from kernels.attention_pool import reference
+from jaxemb.kernels.attention_pool import reference
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels import attention_pool
+from jaxemb.kernels import attention_pool
 
 X = jnp.zeros((2, 6, 4), jnp.float32)
 Q = jnp.zeros((3, 4), jnp.float32)

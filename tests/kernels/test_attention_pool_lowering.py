@@ -11,10 +11,13 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from kernels import attention_pool
-from kernels.attention_pool import pallas_gpu, pallas_tpu
+from jaxemb.kernels import attention_pool
+from jaxemb.kernels.attention_pool import pallas_gpu, pallas_tpu
 
 SDS = jax.ShapeDtypeStruct
+# JAX >= 0.11 warns on every Triton lowering (kept on purpose, see pallas_gpu.py).
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
 DTYPES = (jnp.float32, jnp.bfloat16)
 
 

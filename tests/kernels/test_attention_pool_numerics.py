@@ -15,8 +15,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from attention_pool_cases import GRAD_TOL, TOL, cases, expected, make_inputs
-from kernels import attention_pool
-from kernels.attention_pool import pallas_gpu, pallas_tpu, reference
+from jaxemb.kernels import attention_pool
+from jaxemb.kernels.attention_pool import pallas_gpu, pallas_tpu, reference
 
 POISON = pltpu.InterpretParams(uninitialized_memory="nan")
 INTERPRET = {"xla": False, "pallas_tpu": POISON, "pallas_gpu": True}

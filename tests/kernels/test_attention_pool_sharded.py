@@ -10,8 +10,8 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from attention_pool_cases import TOL, make_inputs, np_pool
-from kernels import attention_pool, attention_pool_sharded
-from kernels.attention_pool import reference
+from jaxemb.kernels import attention_pool, attention_pool_sharded
+from jaxemb.kernels.attention_pool import reference
 
 AUTO3 = (jax.sharding.AxisType.Auto,) * 3
 

@@ -1,11 +1,11 @@
-"""kernels.bench runs end to end at tiny sizes (--preset cpu-smoke), so the script
+"""jaxemb.kernels.bench runs end to end at tiny sizes (--preset cpu-smoke), so the script
 the accelerator check calls cannot rot; timings are not asserted."""
 import json
 
 import jax.numpy as jnp
 import pytest
 
-from kernels import bench
+from jaxemb.kernels import bench
 
 
 def test_cpu_smoke_preset_reports_every_column(tmp_path, capsys):
