@@ -48,7 +48,15 @@ def _tcmalloc_present():
     return find_tcmalloc() is not None
 
 
+def _transformers_present():
+    import importlib.util
+    return all(importlib.util.find_spec(m) is not None for m in ("torch", "transformers"))
+
+
 OPTIONAL = {
+    "requires_transformers": Piece("PyTorch + Hugging Face transformers (the reference models)",
+                                   "pip install transformers safetensors; torch: the CPU wheel",
+                                   _transformers_present),
     "requires_unifont": Piece("GNU Unifont (/usr/share/unifont/unifont.hex)", "apt-get install unifont",
                               _unifont_present),
     "requires_tcmalloc": Piece("tcmalloc (libtcmalloc_minimal.so.4)", "apt-get install libtcmalloc-minimal4",

@@ -19,6 +19,7 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxemb.nn.embeddings import token_nll
 from jaxemb.nn.positions import T5RelativeBias, apply_rope, rope_tables, segment_positions
@@ -53,6 +54,9 @@ class TransformerConfig:
     use_bias: bool = False        # biases on the q/k/v, attention output and both MLP projections
     final_norm: bool = True       # LayerNorm on the last block's output
     speed_paths: str = "auto"     # one of SPEED_PATHS, see resolve_speed_paths
+    # RoPE inverse frequencies (head_dim/2 floats) read from a checkpoint (ESM stores its own, possibly
+    # fp16-rounded); () = base 10000
+    rope_inv_freq: tuple = ()
 
     def __post_init__(self):
         if self.position not in ("rope", "t5", "none"):
@@ -66,6 +70,9 @@ class TransformerConfig:
             raise ValueError(f"mlp_activation={self.mlp_activation!r}; expected one of {sorted(ACTIVATIONS)}")
         if self.speed_paths not in SPEED_PATHS:
             raise ValueError(f"speed_paths={self.speed_paths!r}; expected one of {SPEED_PATHS}")
+        if self.rope_inv_freq and len(self.rope_inv_freq) != self.head_dim // 2:
+            raise ValueError(f"rope_inv_freq has {len(self.rope_inv_freq)} values; expected head_dim/2 = "
+                             f"{self.head_dim // 2}")
         if not self.norm_eps > 0:
             raise ValueError(f"norm_eps={self.norm_eps}; expected a positive number")
 
@@ -319,8 +326,13 @@ class Transformer(nn.Module):
         x, ctx = self.embed.encode(tokens, **embed_kwargs)
         x = _constrain(x.astype(jnp.dtype(c.dtype)), ("batch", "length", "act_embed"))
         mask = attention_mask_from(segment_ids, c.causal, attention_mask)
-        rope = rope_tables(segment_positions(segment_ids), c.head_dim, max_position=length) \
-            if c.position == "rope" else None
+        rope = None
+        if c.position == "rope" and c.rope_inv_freq:  # the angles as HF computes them: fp32 position * freq
+            freq = np.asarray(c.rope_inv_freq, np.float32)
+            angle = segment_positions(segment_ids)[..., None].astype(jnp.float32) * np.concatenate([freq, freq])
+            rope = jnp.cos(angle)[:, None], jnp.sin(angle)[:, None]
+        elif c.position == "rope":
+            rope = rope_tables(segment_positions(segment_ids), c.head_dim, max_position=length)
         bias = T5RelativeBias(c.num_heads, c.rel_buckets, c.rel_max_distance, bidirectional=not c.causal,
                               name="rel_bias")(length) if c.position == "t5" else None
         block = nn.remat(Block) if c.remat else Block
