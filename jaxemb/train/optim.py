@@ -29,13 +29,15 @@ def make_schedule(cfg, total_steps: int):
     return optax.join_schedules([ramp, main], [warmup])
 
 
-def make_optimizer(cfg, total_steps: int, clip: bool = True):
+def make_optimizer(cfg, total_steps: int, clip: bool = True, decay_mask=None):
     """Returns (optax transformation, schedule). cfg.name in {'adamw', 'adam', 'adafactor', 'sgd'}.
     With clip=False the chain leaves out clipping by cfg.clip_norm (the Trainer clips with the gradient
-    norm it computes for its metrics anyway, so that the norm is not computed twice)."""
+    norm it computes for its metrics anyway, so that the norm is not computed twice). decay_mask
+    (params -> tree of bools) limits AdamW's weight decay to the True leaves (Task.decay)."""
     schedule = make_schedule(cfg, total_steps)
     if cfg.name == "adamw":
-        opt = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
+        opt = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                          mask=decay_mask)
     elif cfg.name == "adam":
         opt = optax.adam(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
     elif cfg.name == "adafactor":

@@ -32,6 +32,7 @@ class Task(Protocol):
     frozen(path) -> bool     parameters inside the state that are not trained (partial fine-tuning): the
                                 core applies stop_gradient to them before `loss` and gives them no
                                 optimizer state and no updates, from this one declaration.
+    decay(path) -> bool      whether AdamW's weight decay applies to a parameter (default: all of them).
     eval_step(params, batch, rng) -> {name: (sum, weight)}: the core adds sums and weights over all eval
                                 batches and divides once, so ragged or padded batches cannot bias a
                                 metric. Default: the loss and its metrics, each weighted by the batch's

@@ -109,7 +109,11 @@ class Trainer:
                 f"(mesh data x fsdp = {self.mesh.shape['data']} x {self.mesh.shape['fsdp']})")
         if t.compute_dtype not in _DTYPES:
             raise ValueError(f"train.compute_dtype={t.compute_dtype!r}; expected one of {sorted(_DTYPES)}")
-        self.tx, self.schedule = make_optimizer(cfg.optim, t.steps, clip=False)  # _step_fn clips
+        decay = getattr(task, "decay", None)
+        decay_mask = None if decay is None else (lambda ps: jax.tree_util.tree_map_with_path(
+            lambda p, _: bool(decay(_path_key(p))), ps))
+        self.tx, self.schedule = make_optimizer(cfg.optim, t.steps, clip=False,  # _step_fn clips
+                                                decay_mask=decay_mask)
         self.clip_norm = float(cfg.optim.clip_norm or 0.0)
         frozen = getattr(task, "frozen", None)
         self._trainable = (lambda path: not frozen(_path_key(path))) if frozen is not None else None

@@ -207,3 +207,21 @@ def test_fit_result_reports_last_eval_metrics(tmp_path):
                                                         ArraySource(regression_data(seed=1), 16))
     assert set(res.eval_metrics) >= {"loss", "mse"} and res.steps == 4
     assert res.train_metrics["loss"] > 0 and not hasattr(res, "__getitem__")
+
+
+def test_task_decay_limits_weight_decay_to_the_parameters_it_names(tmp_path):
+    class NoDecayBias:
+        def init(self, rng, batch):
+            return {"w": jnp.ones((3,)), "b": jnp.ones((3,))}
+
+        def loss(self, params, batch, rng):  # no gradient: only weight decay moves the parameters
+            return 0.0 * jnp.sum(params["w"] + params["b"]) + jnp.mean(batch["x"]) * 0.0, {}
+
+        def decay(self, path):
+            return path[-1] != "b"
+
+    cfg = _cfg(steps=2)
+    cfg.optim.update(name="adamw", lr=0.1, weight_decay=0.5, clip_norm=0.0)
+    res = Trainer(NoDecayBias(), cfg, str(tmp_path)).fit(ArraySource(regression_data(), 16))
+    np.testing.assert_allclose(np.asarray(res.state["params"]["w"]), (1 - 0.1 * 0.5) ** 2, rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(res.state["params"]["b"]), 1.0)
