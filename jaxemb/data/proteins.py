@@ -65,3 +65,57 @@ def tokenize(seqs, max_length: int = 1026, pad_to: int | None = None) -> Tokens:
     for i, r in enumerate(rows):
         out[i, :len(r)] = r
     return Tokens(out, (out != PAD).astype(np.int32), unknown, truncated)
+
+
+# ---------------------------------------------------------------- reading sequence files
+
+
+def read_fasta(path: str) -> list[tuple[str, str]]:
+    """[(header id, sequence)] from a FASTA file: '>' header lines, sequence lines joined, whitespace
+    dropped. ValueError naming the file and line for sequence text before any header or an empty record."""
+    records, name, parts, start = [], None, [], 0
+
+    def close():
+        if name is not None:
+            if not parts:
+                raise ValueError(f"{path}: record {name!r} (line {start}) has no sequence")
+            records.append((name, "".join(parts)))
+
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            line = line.strip()
+            if not line or line.startswith(";"):
+                continue
+            if line.startswith(">"):
+                close()
+                name, parts, start = (line[1:].split() or [""])[0], [], n
+            elif name is None:
+                raise ValueError(f"{path}: line {n} holds sequence text before any '>' header; expected FASTA")
+            else:
+                parts.append("".join(line.split()))
+    close()
+    if not records:
+        raise ValueError(f"{path}: no FASTA records (expected '>name' lines followed by sequence lines)")
+    return records
+
+
+CSV_CHAIN_COLUMNS = ("Ligand Sequences", "Receptor Sequences")
+
+
+def read_chains_csv(path: str, columns=CSV_CHAIN_COLUMNS, group: str = "PDB") -> list[tuple[str, str]]:
+    """[(group, chain)] from a CSV whose `columns` hold comma-separated chains (the affinity CSV), with the
+    row's `group` column (the PDB id) as each chain's group; empty cells are skipped. ValueError naming a
+    missing column."""
+    import csv
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        header = reader.fieldnames or []
+        for col in (*columns, group):
+            if col not in header:
+                raise ValueError(f"{path}: no column {col!r} (it has {header[:8]}); expected the chain "
+                                 f"columns {list(columns)} and {group!r}")
+        out = [(row[group], chain.strip()) for row in reader for col in columns
+               for chain in (row[col] or "").split(",") if chain.strip()]
+    if not out:
+        raise ValueError(f"{path}: no chains in columns {list(columns)}")
+    return out

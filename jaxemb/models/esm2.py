@@ -220,16 +220,18 @@ def params_from_hf(state: dict, cfg: Esm2Config, where: str = "checkpoint", dtyp
     return cfg, box_like(tree, cfg)
 
 
-def box_like(tree, cfg: Esm2Config):
-    """`tree` (plain arrays in the model's layout) boxed with the logical axis names of esm2(cfg)'s params,
-    so that it shards as a Task constant or through place_tree. Checks the structure and every shape."""
+def box_like(tree, cfg: Esm2Config, model: nn.Module | None = None, name: str = "ESM2"):
+    """`tree` (plain arrays in the model's layout) boxed with the logical axis names of the params of `model`
+    (default esm2(cfg)), so that it shards as a Task constant or through place_tree. Checks the structure
+    and every shape."""
     tokens = jnp.zeros((1, 4), jnp.int32)
-    like = jax.eval_shape(lambda: esm2(cfg).init(jax.random.key(0), tokens)["params"])
+    model = esm2(cfg) if model is None else model
+    like = jax.eval_shape(lambda: model.init(jax.random.key(0), tokens)["params"])
     flat_like = dict(jax.tree_util.tree_flatten_with_path(like, is_leaf=lambda x: isinstance(x, nn.Partitioned))[0])
     flat = dict(jax.tree_util.tree_flatten_with_path(tree)[0])
     if set(flat) != set(flat_like):
         diff = sorted(map(jax.tree_util.keystr, set(flat) ^ set(flat_like)))
-        raise ValueError(f"parameter tree does not match ESM2's: {diff[0]} ({len(diff)} differ)")
+        raise ValueError(f"parameter tree does not match {name}'s: {diff[0]} ({len(diff)} differ)")
     for key, box in flat_like.items():
         if tuple(flat[key].shape) != tuple(box.value.shape):
             raise ValueError(f"parameter {jax.tree_util.keystr(key)} has shape {flat[key].shape}, expected "
@@ -286,14 +288,14 @@ def _looks_like_hub_name(path: str) -> bool:
     return len(parts) == 2 and all(parts) and not path.startswith((".", "~")) and not os.path.exists(parts[0])
 
 
-def _download(name: str) -> str:
+def _download(name: str, extra_patterns: tuple = ()) -> str:
     try:
         import huggingface_hub
     except ImportError:
         raise ImportError(f"{name!r} is no local directory; downloading it as a hub name needs huggingface_hub "
                           "(pip install huggingface_hub)") from None
     return huggingface_hub.snapshot_download(name, allow_patterns=[
-        "config.json", "model.safetensors", "model.safetensors.index.json", "model-*.safetensors"])
+        "config.json", "model.safetensors", "model.safetensors.index.json", "model-*.safetensors", *extra_patterns])
 
 
 def load_pretrained(path: str, dtype=np.float32):

@@ -6,7 +6,8 @@ Parameters and activations carry logical axis names ('batch', 'length', 'embed',
 attending across document boundaries (0 or negative marks padding), and RoPE positions restart in each
 segment. An optional `attention_mask` (B, L) (True or 1 at real tokens, as in Hugging Face models) also
 hides keys. The options a BERT/ESM-style encoder needs (LayerNorm epsilon, MLP activation, projection
-biases, final LayerNorm) are config fields whose defaults give the decoder's exact numbers.
+biases, final LayerNorm) and a T5 encoder needs (RMS norm, no query scaling, gated MLP) are config fields
+whose defaults give the decoder's exact numbers.
 
 Exact rewrites that only change speed on some backends are chosen in one place: `resolve_speed_paths`.
 """
@@ -57,6 +58,9 @@ class TransformerConfig:
     # RoPE inverse frequencies (head_dim/2 floats) read from a checkpoint (ESM stores its own, possibly
     # fp16-rounded); () = base 10000
     rope_inv_freq: tuple = ()
+    norm: str = "layer"           # 'layer' (LayerNorm) | 'rms' (T5's: no mean subtraction, no bias)
+    attn_scale: bool = True       # scale queries by head_dim^-0.5 (T5 folds it into its init: False)
+    mlp_gated: bool = False       # act(x wi) * (x wi_linear) (T5's gated-GELU) instead of act(x wi)
 
     def __post_init__(self):
         if self.position not in ("rope", "t5", "none"):
@@ -73,6 +77,8 @@ class TransformerConfig:
         if self.rope_inv_freq and len(self.rope_inv_freq) != self.head_dim // 2:
             raise ValueError(f"rope_inv_freq has {len(self.rope_inv_freq)} values; expected head_dim/2 = "
                              f"{self.head_dim // 2}")
+        if self.norm not in ("layer", "rms"):
+            raise ValueError(f"norm={self.norm!r}; expected 'layer' or 'rms'")
         if not self.norm_eps > 0:
             raise ValueError(f"norm_eps={self.norm_eps}; expected a positive number")
 
@@ -186,7 +192,7 @@ class Attention(nn.Module):
             # keeps XLA:CPU from fusing the transposes and RoPE into the attention matmuls' operand copies
             q, k, v = jax.lax.optimization_barrier((q, k, v))
         blocks = query_block_count(c, q.shape[2], paths)
-        out = masked_attention(q * c.head_dim ** -0.5, k, v, mask, bias, blocks,
+        out = masked_attention(q * c.head_dim ** -0.5 if c.attn_scale else q, k, v, mask, bias, blocks,
                                paths.shared_bias_vjp).transpose(0, 2, 1, 3)
         out = _constrain(out, ("batch", "length", "heads", "kv"))
         return _dense(c.d_model, ("heads", "kv", "embed"), in_axis_count=2, name="out", cfg=c)(out)
@@ -262,11 +268,17 @@ class Mlp(nn.Module):
     def __call__(self, x):
         c = self.cfg
         h = _dense(c.mlp_dim, ("embed", "mlp"), name="wi", cfg=c)(x)
-        h = _constrain(ACTIVATIONS[c.mlp_activation](h), ("batch", "length", "mlp"))
+        h = ACTIVATIONS[c.mlp_activation](h)
+        if c.mlp_gated:
+            h = h * _dense(c.mlp_dim, ("embed", "mlp"), name="wi_linear", cfg=c)(x)
+        h = _constrain(h, ("batch", "length", "mlp"))
         return _dense(c.d_model, ("mlp", "embed"), name="wo", cfg=c)(h)
 
 
-def _norm(name, eps: float = 1e-6):
+def _norm(name, eps: float = 1e-6, kind: str = "layer"):
+    if kind == "rms":
+        return nn.RMSNorm(epsilon=eps, name=name, dtype=jnp.float32,
+                          scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)))
     return nn.LayerNorm(epsilon=eps, name=name, dtype=jnp.float32,
                         scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
                         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))
@@ -279,9 +291,9 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x, mask, rope, bias):
         dtype = jnp.dtype(self.cfg.dtype)
-        h = _norm("ln_attn", self.cfg.norm_eps)(x).astype(dtype)
+        h = _norm("ln_attn", self.cfg.norm_eps, self.cfg.norm)(x).astype(dtype)
         x = x + Attention(self.cfg, name="attn")(h, mask, rope, bias)
-        h = _norm("ln_mlp", self.cfg.norm_eps)(x).astype(dtype)
+        h = _norm("ln_mlp", self.cfg.norm_eps, self.cfg.norm)(x).astype(dtype)
         x = x + Mlp(self.cfg, name="mlp")(h)
         x = _constrain(x, ("batch", "length", "act_embed"))
         return x, {"resid": x}
@@ -340,7 +352,7 @@ class Transformer(nn.Module):
         for i in range(c.num_layers):
             x, _ = block(c, name=f"block_{i}")(x, mask, rope, bias)
             layers.append(x)
-        h = (_norm("ln_final", c.norm_eps)(x) if c.final_norm else x).astype(jnp.dtype(c.dtype))
+        h = (_norm("ln_final", c.norm_eps, c.norm)(x) if c.final_norm else x).astype(jnp.dtype(c.dtype))
         hidden = {"final": h, "layers": layers}
         if targets is None:
             return self.embed.logits(h, ctx), hidden

@@ -20,14 +20,11 @@ from jaxemb.train.mesh import DEFAULT_RULES, make_mesh
 
 import make_esm2_fixture as fx
 
+from helpers import close_to_reference as _close  # noqa: E402
+
 FIXTURE = os.path.join(os.path.dirname(__file__), "esm2_fixture.npz")
 
 
-def _close(got, want):
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    assert got.shape == want.shape
-    err, scale = np.abs(got - want).max(), max(1.0, np.abs(want).max())
-    assert err <= 1e-5 * scale, f"max |diff| {err:.3g} at scale {scale:.3g}"
 
 
 def _check(cfg, params, ids, mask, ref):

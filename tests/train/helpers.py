@@ -38,3 +38,11 @@ def regression_data(n=256, dim=16, out=8, seed=0):
     x = rng.normal(size=(n, dim)).astype(np.float32)
     w = rng.normal(size=(dim, out)).astype(np.float32)
     return {"x": x, "y": (x @ w).astype(np.float32)}
+
+
+def close_to_reference(got, want, rtol=1e-5):
+    """|got - want| <= rtol * max(1, max |want|): a port against its reference implementation in fp32."""
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    assert got.shape == want.shape
+    err, scale = np.abs(got - want).max(), max(1.0, np.abs(want).max())
+    assert err <= rtol * scale, f"max |diff| {err:.3g} at scale {scale:.3g}"
