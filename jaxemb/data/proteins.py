@@ -38,22 +38,23 @@ def encode(seq: str) -> tuple[list[int], int]:
     return [INDEX.get(p, UNK) for p in pieces], sum(p not in INDEX for p in pieces)
 
 
-def tokenize(seqs, max_length: int = 1026, pad_to: int | None = None) -> Tokens:
-    """`<cls> seq <eos>` ids for each sequence, padded to the longest (or to `pad_to`). `max_length`
-    counts the two framing tokens (1026 = ESM2's max_position_embeddings)."""
+def frame_and_pad(seqs, encode, prefix: list, suffix: list, pad_id: int, max_length: int,
+                  pad_to: int | None = None) -> Tokens:
+    """Shared by the protein tokenizers: `encode(seq) -> (ids, unknown count)` for each sequence, cut so that
+    prefix + ids + suffix fits `max_length` (counted as truncated), padded with `pad_id` to the longest row
+    (or to `pad_to`)."""
     if isinstance(seqs, str):
-        raise TypeError("tokenize expects a list of sequences, got one string")
-    if max_length < 3:
-        raise ValueError(f"max_length={max_length}; expected at least 3 (<cls>, a residue, <eos>)")
+        raise TypeError("the tokenizer expects a list of sequences, got one string")
+    room = max_length - len(prefix) - len(suffix)
     rows, unknown, truncated = [], 0, 0
     for i, seq in enumerate(seqs):
         if not isinstance(seq, str) or not seq:
             raise ValueError(f"sequence {i} is {seq!r}; expected a non-empty string of residue letters")
         ids, unk = encode(seq)
         unknown += unk
-        if len(ids) > max_length - 2:
-            ids, truncated = ids[:max_length - 2], truncated + 1
-        rows.append([CLS] + ids + [EOS])
+        if len(ids) > room:
+            ids, truncated = ids[:room], truncated + 1
+        rows.append(prefix + ids + suffix)
     if not rows:
         raise ValueError("no sequences to tokenize")
     width = max(len(r) for r in rows)
@@ -61,10 +62,19 @@ def tokenize(seqs, max_length: int = 1026, pad_to: int | None = None) -> Tokens:
         if pad_to < width:
             raise ValueError(f"pad_to={pad_to} is shorter than the longest framed sequence ({width} tokens)")
         width = pad_to
-    out = np.full((len(rows), width), PAD, np.int32)
+    out = np.full((len(rows), width), pad_id, np.int32)
+    mask = np.zeros((len(rows), width), np.int32)
     for i, r in enumerate(rows):
-        out[i, :len(r)] = r
-    return Tokens(out, (out != PAD).astype(np.int32), unknown, truncated)
+        out[i, :len(r)], mask[i, :len(r)] = r, 1
+    return Tokens(out, mask, unknown, truncated)
+
+
+def tokenize(seqs, max_length: int = 1026, pad_to: int | None = None) -> Tokens:
+    """`<cls> seq <eos>` ids for each sequence, padded to the longest (or to `pad_to`). `max_length`
+    counts the two framing tokens (1026 = ESM2's max_position_embeddings)."""
+    if max_length < 3:
+        raise ValueError(f"max_length={max_length}; expected at least 3 (<cls>, a residue, <eos>)")
+    return frame_and_pad(seqs, encode, [CLS], [EOS], PAD, max_length, pad_to)
 
 
 # ---------------------------------------------------------------- reading sequence files

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxemb.data.proteins import Tokens
+from jaxemb.data.proteins import Tokens, frame_and_pad
 from jaxemb.models.esm2 import _download, _looks_like_hub_name, box_like, read_weights
 from jaxemb.nn.embeddings import TokenEmbedding
 from jaxemb.nn.transformer import Transformer, TransformerConfig
@@ -233,28 +233,11 @@ class T5Tokenizer:
         return [i for ch in text for i in self._sp.encode(ch)]
 
     def __call__(self, seqs, max_length: int = 1024, pad_to: int | None = None) -> Tokens:
-        if isinstance(seqs, str):
-            raise TypeError("the tokenizer expects a list of sequences, got one string")
         if max_length < 2:
             raise ValueError(f"max_length={max_length}; expected at least 2 (a residue and </s>)")
-        rows, unknown, truncated = [], 0, 0
-        for i, seq in enumerate(seqs):
-            if not isinstance(seq, str) or not seq:
-                raise ValueError(f"sequence {i} is {seq!r}; expected a non-empty string of residue letters")
+
+        def encode(seq):
             ids = self.encode(seq)
-            unknown += sum(t == self.unk_id for t in ids)
-            if len(ids) > max_length - 1:
-                ids, truncated = ids[:max_length - 1], truncated + 1
-            rows.append(ids + [self.eos_id])
-        if not rows:
-            raise ValueError("no sequences to tokenize")
-        width = max(len(r) for r in rows)
-        if pad_to is not None:
-            if pad_to < width:
-                raise ValueError(f"pad_to={pad_to} is shorter than the longest sequence ({width} tokens)")
-            width = pad_to
-        out = np.full((len(rows), width), self.pad_id, np.int32)
-        mask = np.zeros((len(rows), width), np.int32)
-        for i, r in enumerate(rows):
-            out[i, :len(r)], mask[i, :len(r)] = r, 1
-        return Tokens(out, mask, unknown, truncated)
+            return ids, sum(t == self.unk_id for t in ids)
+
+        return frame_and_pad(seqs, encode, [], [self.eos_id], self.pad_id, max_length, pad_to)
