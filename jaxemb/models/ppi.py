@@ -21,8 +21,9 @@ number. Inputs are per-residue embeddings (B, L, D) with valid-prefix lengths (B
   X_L = E_L + MHA(E_L, E_R, E_R), X_R = E_R + MHA(E_R, E_L, E_L) (padded keys masked), both pooled and
   ADDED, Linear(D, D)-SiLU-Linear(D, D), Linear(D, 1).
 
-With `convbert=True` one ConvBERT layer (shared by both sides, as in the paper) runs on the embeddings before
-pooling (the frozen-PLM setting). Poolers, ConvBERT and cross-attention are shared between the sides (the
+With `convbert=True` one ConvBERT layer (jaxemb.nn.convbert, HF's ConvBertLayer; shared by both sides, as in
+the paper) runs on the embeddings before pooling (the frozen-PLM setting); padding never leaks into its
+convolution branch, and packed chains stay apart (segment ids), see jaxemb/nn/convbert.py. Poolers, ConvBERT and cross-attention are shared between the sides (the
 paper's config). The last Linear is initialized U(-0.1, 0.1) with zero bias, every other Linear as PyTorch's
 default (U(+-1/sqrt(fan_in)) for weight and bias), as the reference does.
 """
@@ -117,15 +118,20 @@ class _Base(nn.Module):
                                       name=name)
 
     def convbert(self):
-        """x, lengths, deterministic -> x: the shared ConvBERT layer (identity without cfg.convbert)."""
+        """(x, lengths, deterministic) -> x: the shared ConvBERT layer, identity without cfg.convbert; with
+        segment_ids= instead of lengths, packed sequences stay apart in both of its branches."""
         c = self.cfg
         if not c.convbert:
-            return lambda x, lengths, deterministic: x
+            return lambda x, lengths=None, deterministic=True, segment_ids=None: x
         from jaxemb.nn.convbert import ConvBertLayer
-        layer = ConvBertLayer(dropout=c.convbert_dropout, attention_dropout=c.convbert_attn_dropout,
+        layer = ConvBertLayer(hidden_dropout=c.convbert_dropout, attention_dropout=c.convbert_attn_dropout,
                               name="convbert")
-        return lambda x, lengths, deterministic: layer(zero_padding(x, lengths), prefix_mask(lengths, x.shape[1]),
-                                                       deterministic=deterministic)
+
+        def apply(x, lengths=None, deterministic=True, segment_ids=None):
+            if segment_ids is not None:
+                return layer(x, segment_ids=segment_ids, deterministic=deterministic)
+            return layer(zero_padding(x, lengths), prefix_mask(lengths, x.shape[1]), deterministic=deterministic)
+        return apply
 
 
 class ECHead(_Base):
@@ -186,9 +192,7 @@ class HPHead(_Base):
             rows, lens = chains.reshape(B * C, Lc, D), chain_len.reshape(B * C)
             vecs = pool(conv(rows, lens, deterministic), lengths=lens).reshape(B, C, D)
         else:
-            if self.cfg.convbert:
-                raise ValueError("hp head with convbert takes chain rows (chains=), not packed rows: the "
-                                 "convolution would run across the chains of a packed row")
+            packed = conv(packed, deterministic=deterministic, segment_ids=packed_seg)
             seg = (packed_seg - 1).astype(jnp.int32)          # kernel ids: 0, 1, ..; -1 = padding
             vecs = pool(packed, segment_ids=seg, num_segments=self.cfg.max_chains)   # (B, C, D)
         sides = chain_pool(vecs, segment_ids=side_segments(n_lig, n_rec, vecs.shape[1]), num_segments=2)
@@ -291,8 +295,6 @@ class PPITask:
             raise ValueError(f"mode={mode!r}; expected one of {MODES}")
         if (mode == "frozen") != (features is not None):
             raise ValueError("mode 'frozen' needs `features` (embed_tables); 'finetune' takes none")
-        if mode == "finetune" and head.convbert and head.kind == "hp":
-            raise ValueError("an hp head with convbert runs on frozen chain rows; fine-tuning packs chains")
         self.cfg, self.mode, self.encoder_cfg = head, mode, encoder_cfg
         self.head, self.encoder = make_head(head), esm2(encoder_cfg)
         self.mean, self.std = float(target_stats[0]), float(target_stats[1])

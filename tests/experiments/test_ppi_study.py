@@ -1,0 +1,56 @@
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from experiments import ppi as study
+
+ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
+VARIANTS = "convbert:hp,convbert:pad,finetune:ec,finetune:sc,finetune:hp"
+
+
+def test_tiny_study_trains_both_modes_writes_results_and_resumes(tmp_path, capsys):
+    wd = tmp_path / "run"
+    argv = ["--config", "tiny", "--workdir", str(wd), f"study.variants={VARIANTS}", "train.progress=False"]
+    res = study.main(argv)
+    out = capsys.readouterr().out
+    assert "convbert-HP" in out and "finetune-SC" in out and "composition" in out and "0.47 ESM2-650M" in out
+    saved = json.load(open(wd / "results.json"))
+    setups = [r["setup"] for r in saved["table"]]
+    assert setups == ["convbert-HP", "convbert-PAD", "finetune-EC", "finetune-SC", "finetune-HP", "composition"]
+    d = saved["derived"]
+    assert d["train_complexes"] + d["val_complexes"] + d["test_complexes"] == d["complexes"] == 160
+    for name, run in saved["runs"].items():
+        assert len(run["test_pred"]) == d["test_complexes"] and np.isfinite(run["test_pred"]).all(), name
+        assert -1 <= run["test"]["spearman"] <= 1 and run["test"]["rmse"] > 0 and run["best_step"] in (3, 6)
+    # frozen variants train only the head: the encoder's embeddings were cached once per table
+    assert sorted(os.listdir(wd / "features"))[0].startswith("chain-") and len(os.listdir(wd / "features")) == 2
+    assert (wd / "encoder").is_dir() and (wd / "bars.png").stat().st_size > 5000
+    assert (wd / "scatter.png").stat().st_size > 5000
+    again = study.main(argv)  # finished: restores, does not retrain
+    assert again["table"] == res["table"]
+
+
+def test_bad_variants_and_data_are_one_line_errors(tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("PDB,Ligand Sequences,Receptor Sequences,KD(M)\nX1,AC,DE,-1\n")
+    for args, msg in [(["study.variants=frozen:hp"], "study.variants entry 'frozen:hp'"),
+                      (["--data", str(bad), "data.split="], "KD=-1.0 must be > 0")]:
+        p = subprocess.run([sys.executable, "-m", "experiments.ppi", "--config", "tiny",
+                            "--workdir", str(tmp_path / "w"), *args], cwd=ROOT, capture_output=True, text=True,
+                           timeout=300, env=dict(os.environ, JAX_NUM_CPU_DEVICES="1"))
+        assert p.returncode == 2, p.stderr[-2000:]
+        assert msg in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr[-2000:]
+
+
+def test_paper_config_is_the_reference_recipe():
+    from experiments.configs.ppi import get_config
+    c = get_config("paper")
+    assert c.optim.lr == 5e-4 and c.optim.warmup_steps == 1000 and c.optim.clip_norm == 1.0
+    assert c.train.batch_size == 32 and c.layout.max_side == 2000 and c.study.seeds == 3
+    assert c.train.best_metric == "spearman" and c.encoder.checkpoint == "facebook/esm2_t33_650M_UR50D"
+    with pytest.raises(ValueError, match="unknown config 'big'"):
+        get_config("big")
