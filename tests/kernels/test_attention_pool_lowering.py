@@ -4,6 +4,7 @@ the Pallas-level checks (tiling, power-of-two shapes, supported ops); the backen
 compilers proper (Mosaic passes, ptxas) still only run on the device. CUDA
 lowering runs inside pallas_gpu.abstract_gpu(): JAX >= 0.11 needs an abstract GPU
 device to lower the Triton kernels without a GPU."""
+import functools
 import itertools
 import re
 
@@ -12,7 +13,7 @@ import jax.numpy as jnp
 import pytest
 
 from jaxemb.kernels import attention_pool
-from jaxemb.kernels.attention_pool import pallas_gpu, pallas_tpu
+from jaxemb.kernels.attention_pool import pallas_gpu, pallas_tpu, vjp
 
 SDS = jax.ShapeDtypeStruct
 # JAX >= 0.11 warns on every Triton lowering (kept on purpose, see pallas_gpu.py).
@@ -58,20 +59,24 @@ def test_tpu_lowers_every_block(block_l, dtype):
 
 
 def _gpu_configs():
-  """Each distinct config gpu.config can return, with a shape that selects it."""
+  """Each distinct (forward, backward) config pair gpu.config can return, with a
+  shape that selects it."""
   seen = {}
   for L, D, H, dt in itertools.product((1, 20, 40, 5000), (8, 40, 64, 100, 256, 512,
                                                           768, 1024, 2048, 4096),
                                        (1, 16, 20, 64, 128), DTYPES):
-    cfg = pallas_gpu.config(L, D, H, jnp.dtype(dt).itemsize)
+    cfg = tuple(tuple(pallas_gpu.config(L, D, H, jnp.dtype(dt).itemsize, kernel=k))
+                for k in ("forward", "backward"))
     seen.setdefault(cfg, (L, D, H, dt))
   return sorted(seen.items(), key=str)
 
 
 def test_gpu_dispatcher_only_picks_listed_tiles():
-  for (bl, ht, dp, hp, warps), _ in _gpu_configs():
-    assert bl in pallas_gpu.BLOCK_CHOICES and ht in pallas_gpu.HEAD_TILES
-    assert dp & (dp - 1) == 0 and hp & (hp - 1) == 0 and hp % ht == 0
+  for pair, _ in _gpu_configs():
+    for bl, ht, dp, hp, warps, stages, dc in pair:
+      assert bl in pallas_gpu.BLOCK_CHOICES and ht in pallas_gpu.HEAD_TILES
+      assert dp & (dp - 1) == 0 and hp & (hp - 1) == 0 and hp % ht == 0
+      assert dc & (dc - 1) == 0 and dp % dc == 0 and warps in (4, 8) and stages == 2
 
 
 @pytest.mark.parametrize("cfg,shape", _gpu_configs(), ids=str)
@@ -133,3 +138,58 @@ def test_tpu_kernels_ask_for_the_vmem_they_need():
     attention_pool(jnp.zeros((1, 4096, 1024), jnp.bfloat16), jnp.zeros((64, 1024)),
                    segment_ids=jnp.zeros((1, 4096), jnp.int32), num_segments=64,
                    implementation="pallas_tpu")
+
+
+def _gpu_kernels(B, L, D, H, S, dtype, **knobs):
+  """jit(vjp) through pallas_gpu.forward/backward with knobs (not in the API yet)
+  and its abstract arguments."""
+  pool = vjp.make_pool(functools.partial(pallas_gpu.forward, **knobs),
+                       functools.partial(pallas_gpu.backward, **knobs))
+  fn = jax.jit(jax.grad(lambda x, q, st, en: pool(x, q, st, en).sum(), argnums=(0, 1)))
+  return fn, (SDS((B, L, D), dtype), SDS((H, D), jnp.float32),
+              SDS((B, S), jnp.int32), SDS((B, S), jnp.int32))
+
+
+@pytest.mark.parametrize("D,dtype,H", [(1280, jnp.float32, 8), (600, jnp.float32, 20),
+                                       (4096, jnp.bfloat16, 1)])
+def test_gpu_budgeted_configs_lower(D, dtype, H):
+  """Shapes whose whole D is over budget lower with D chunks (both kernels)."""
+  itemsize = jnp.dtype(dtype).itemsize
+  for kernel in ("forward", "backward"):
+    cfg = pallas_gpu.config(4096, D, H, itemsize, kernel=kernel)
+    assert cfg.dim_chunk < cfg.dim_p
+  fn, args = _gpu_kernels(2, 4096, D, H, 3, dtype)
+  assert _lower_cuda(fn, args).as_text().count("__gpu$xla.gpu.triton") == 2
+
+
+@pytest.mark.parametrize("knobs", [pallas_gpu.sweep_configs()[i] for i in (0, 8, 17)],
+                         ids=str)
+def test_gpu_sweep_knobs_lower_and_reach_the_kernel(knobs):
+  """Sweep settings at the bf16 preset shape lower, and the launch carries them."""
+  fn, args = _gpu_kernels(8, 4096, 1024, 8, 1, jnp.bfloat16, **knobs)
+  text = _lower_cuda(fn, args).as_text()
+  assert text.count(f"num_warps = {knobs['num_warps']} : i32") == 2
+  assert text.count(f"num_stages = {knobs['num_stages']} : i32") == 2
+
+
+def test_gpu_precision_reaches_triton(monkeypatch, capsys):
+  """The printed Triton module (pallas_call debug=True): "tf32x3" dots are
+  tt.dot inputPrecision = tf32x3, "bf16x3" is three bf16 dots per f32 dot,
+  "highest" is IEEE (Triton's default, not printed)."""
+  monkeypatch.setattr(pallas_gpu.pl, "pallas_call",
+                      functools.partial(pallas_gpu.pl.pallas_call, debug=True))
+  found = {}
+  for precision in pallas_gpu.PRECISIONS:
+    fn = jax.jit(lambda x, q, st, en: pallas_gpu.forward(x, q, st, en,
+                                                         precision=precision)[0])
+    _lower_cuda(fn, (SDS((2, 300, 64), jnp.float32), SDS((4, 64), jnp.float32),
+                     SDS((2, 1), jnp.int32), SDS((2, 1), jnp.int32)))
+    text = capsys.readouterr().out
+    module = text[text.index("The Triton module"):]
+    dots = re.findall(r"tt\.dot [^\n]*", module)
+    types = {re.sub(r".*: tensor<\d+x\d+x(\w+)>.*", r"\1", d) for d in dots}
+    found[precision] = (len(dots), sorted(types),
+                        sorted(set(re.findall(r"inputPrecision = (\w+)", module))))
+  assert found["highest"] == (2, ["f32"], [])
+  assert found["tf32x3"] == (2, ["f32"], ["tf32x3"])
+  assert found["bf16x3"][:2] == (6, ["bf16"])
