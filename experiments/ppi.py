@@ -1,7 +1,8 @@
 """Multi-chain binding affinity: the EC, SC, HP and PAD heads on a frozen (ConvBERT) or fine-tuned ESM2.
 
     python -m experiments.ppi                                  # default: this CPU, skempi_multichain.csv
-    python -m experiments.ppi --checkpoint facebook/esm2_t6_8M_UR50D     # a real ESM2 (local dir or hub name)
+    python -m experiments.ppi --checkpoint facebook/esm2_t6_8M_UR50D     # a real PLM (local dir or hub name)
+    python -m experiments.ppi --checkpoint Rostlab/prot_t5_xl_uniref50   # ProtT5 / Ankh: their own tokenizer
     python -m experiments.ppi --data my.csv data.split=        # any PPB-Affinity-format CSV, split computed here
     python -m experiments.ppi study.variants=convbert:hp,finetune:pad train.steps=600
 
@@ -28,8 +29,8 @@ from jaxemb import metrics
 from jaxemb.data import ppi as data
 from jaxemb.data.sources import ArraySource
 from jaxemb.models import mlm
-from jaxemb.models import ppi
-from jaxemb.models.esm2 import Esm2Config, esm2
+from jaxemb.models import plm, ppi
+from jaxemb.models.esm2 import Esm2Config
 from jaxemb.train import save_tree
 from jaxemb.train.constants import unbox
 
@@ -37,11 +38,12 @@ from jaxemb.train.constants import unbox
 # each setup in its top-10 list, else the best entry of any PLM, else "< 0.44" (below the top 10).
 PAPER = {("convbert", "hp"): "0.47 ESM2-650M", ("finetune", "hp"): "0.44 ESM2-650M",
          ("finetune", "pad"): "0.44 ESM2-3B", ("convbert", "pad"): "0.48 ProtT5"}
-OPTIONS = {"--checkpoint": ("encoder.checkpoint", "HF ESM2 checkpoint directory or hub name (default: pretrain)")}
+OPTIONS = {"--checkpoint": ("encoder.checkpoint", "HF ESM2 / ProtT5 / Ankh checkpoint directory or hub name "
+                                                   "(default: pretrain a small ESM2 here)")}
 
 
 def load(cfg):
-    """(dataset, split indices, layouts, derived counts)."""
+    """(dataset, split indices, derived counts)."""
     d = data.read_affinity_csv(cfg.data.source, target=cfg.data.target)
     if cfg.data.limit:  # a few complexes of many PDB ids (tests, quick looks): round-robin over the ids
         rank, seen = [], {}
@@ -59,32 +61,29 @@ def load(cfg):
         if len(idx) < 4:
             raise ValueError(f"the {name} split has {len(idx)} complexes; need at least 4 (more data, or "
                              "other data.val_fraction / data.test_fraction)")
-    lay = data.layouts(d.complexes, data.Layout(**cfg.layout))
     derived = {"complexes": len(d), "duplicates_dropped": d.duplicates, "pdb_ids": len(set(d.pdbs)),
-               **{f"{k}_complexes": len(v) for k, v in split.items()}, "cut": lay["cut"], "unknown": lay["unknown"],
-               "distinct_chains": len(lay["chain_tokens"])}
-    return d, split, lay, derived
+               **{f"{k}_complexes": len(v) for k, v in split.items()}}
+    return d, split, derived
 
 
 def pretrain_encoder(cfg, d, split, workdir):
-    """(Esm2Config, save_tree directory): a small ESM2 trained by MLM on the training split's chains, or the
-    checkpoint given."""
-    from jaxemb.models.esm2 import load_pretrained
+    """(Backbone, save_tree directory of its params): the checkpoint given (ESM2, ProtT5 or Ankh), or a small
+    ESM2 trained here by MLM on the training split's chains."""
     path = os.path.join(workdir, "encoder")
     e = cfg.encoder
     if e.checkpoint:
-        enc_cfg, params = load_pretrained(e.checkpoint)
+        bb, params = plm.from_checkpoint(e.checkpoint, e.tokenizer_style)
         tag = hashlib.sha256(os.path.abspath(e.checkpoint).encode()).hexdigest()[:8]
         path = os.path.join(workdir, f"encoder-{tag}")
         if not os.path.exists(path):
             save_tree(path, params)
-        return enc_cfg, path
+        return bb, path
     from jaxemb.data import proteins
     enc_cfg = Esm2Config(vocab_size=len(proteins.ALPHABET), d_model=e.d_model, num_layers=e.num_layers,
                          num_heads=e.num_heads, mlp_dim=e.mlp_dim, token_dropout=False,
                          mask_token_id=proteins.MASK, pad_token_id=proteins.PAD)
     if os.path.exists(path):
-        return enc_cfg, path
+        return plm.esm2_backbone(enc_cfg), path
     records = [(d.complexes[i].pdb, s) for i in split["train"] for s in d.complexes[i].ligands + d.complexes[i].receptors]
     tr, va = mlm.split_chains(records, cfg.mlm.valid_fraction, cfg.seed)
     m = cfg.mlm
@@ -97,13 +96,13 @@ def pretrain_encoder(cfg, d, split, workdir):
     v = harness.train_variant("encoder_mlm", mlm.MLMTask(enc_cfg, m.seq_len), c, workdir, train, valid,
                               desc="ESM2 masked-LM pretraining")
     save_tree(path, v.params)
-    return enc_cfg, path
+    return plm.esm2_backbone(enc_cfg), path
 
 
-def frozen_features(enc_cfg, enc_path, tables, workdir, dtype):
+def frozen_features(bb, enc_path, tables, workdir, dtype):
     """Per-residue embeddings of the token tables, computed once and cached in workdir/features (keyed by
     the encoder's weights, the tokens and the dtype)."""
-    params = _encoder_params(enc_cfg, enc_path)
+    params = _encoder_params(bb, enc_path)
     digest = hashlib.sha256(b"".join(np.ascontiguousarray(x).tobytes() for x in jax.tree.leaves(params)))
     out = {}
     for name, toks in tables.items():
@@ -111,7 +110,7 @@ def frozen_features(enc_cfg, enc_path, tables, workdir, dtype):
         h.update(np.ascontiguousarray(toks).tobytes() + dtype.encode())
         file = os.path.join(harness.ensure_dir(os.path.join(workdir, "features")), f"{name}-{h.hexdigest()[:16]}.npz")
         if not os.path.exists(file):
-            feats = ppi.embed_tables(esm2(enc_cfg), params, {name: toks}, dtype=np.dtype(dtype))
+            feats = ppi.embed_tables(bb.model(), params, {name: toks}, bb.vocab.pad, dtype=np.dtype(dtype))
             tmp = file + ".tmp.npz"
             np.savez(tmp, **feats)
             os.replace(tmp, file)
@@ -120,15 +119,15 @@ def frozen_features(enc_cfg, enc_path, tables, workdir, dtype):
     return out
 
 
-def _encoder_params(enc_cfg, path):
+def _encoder_params(bb, path):
     """The encoder params saved at `path`, on the first device (host-side use: embed_tables)."""
     from jaxemb.train import load_tree
-    like = unbox(jax.eval_shape(lambda: esm2(enc_cfg).init(jax.random.key(0), np.zeros((1, 4), np.int32))["params"]))
+    like = unbox(jax.eval_shape(lambda: bb.model().init(jax.random.key(0), np.zeros((1, 4), np.int32))["params"]))
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
     return load_tree(path, like, mesh, None)
 
 
-def run_variant(cfg, name, mode, kind, seed, enc_cfg, enc_path, lay, d, split, workdir):
+def run_variant(cfg, name, mode, kind, seed, bb, enc_path, lay, d, split, workdir):
     arrays, tables = ppi.batch_arrays(lay, kind, mode)
     y = d.y
     arrays["y"] = y.astype(np.float32)
@@ -137,8 +136,8 @@ def run_variant(cfg, name, mode, kind, seed, enc_cfg, enc_path, lay, d, split, w
                           convbert_dropout=cfg.head.convbert_dropout, convbert_attn_dropout=cfg.head.convbert_attn_dropout,
                           cross_heads=cfg.head.cross_heads, max_chains=int(lay["chain_idx"].shape[1]),
                           implementation=cfg.head.implementation)
-    features = frozen_features(enc_cfg, enc_path, tables, workdir, cfg.encoder.feature_dtype) if mode == "frozen" else None
-    task = ppi.PPITask(head, enc_cfg, mode, features, enc_path if mode == "finetune" else None,
+    features = frozen_features(bb, enc_path, tables, workdir, cfg.encoder.feature_dtype) if mode == "frozen" else None
+    task = ppi.PPITask(head, bb, mode, features, enc_path if mode == "finetune" else None,
                        (float(y[tr].mean()), float(y[tr].std())))
     take = lambda idx: {k: v[idx] for k, v in arrays.items()}
     b = cfg.train.batch_size
@@ -177,14 +176,17 @@ def main(argv=None) -> dict:
         if len(v) != 2 or v[0] not in ("convbert", "finetune") or v[1] not in ppi.HEADS:
             raise ValueError(f"study.variants entry {':'.join(v)!r}; expected mode:head with mode convbert or "
                              f"finetune and head one of {ppi.HEADS}")
-    d, split, lay, derived = load(cfg)
-    enc_cfg, enc_path = pretrain_encoder(cfg, d, split, args.workdir)
+    d, split, derived = load(cfg)
+    bb, enc_path = pretrain_encoder(cfg, d, split, args.workdir)
+    lay = data.layouts(d.complexes, data.Layout(**cfg.layout), bb.vocab)
+    derived.update(backbone=bb.kind, vocab=bb.vocab.name, cut=lay["cut"], unknown=lay["unknown"],
+                   distinct_chains=len(lay["chain_tokens"]))
     runs = {}
     for mode, kind in variants:
         for seed in range(cfg.seed, cfg.seed + cfg.study.seeds):
             name = f"{mode}_{kind}_s{seed}"
             runs[name] = run_variant(cfg, name, "frozen" if mode == "convbert" else "finetune", kind, seed,
-                                     enc_cfg, enc_path, lay, d, split, args.workdir)
+                                     bb, enc_path, lay, d, split, args.workdir)
             runs[name].update(mode=mode, head=kind, seed=seed)
     base = data.composition_baseline(d, split)
     table = []

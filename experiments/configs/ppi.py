@@ -18,7 +18,7 @@ def get_config(name: str = "default") -> ml_collections.ConfigDict:
                   fold=0, val_fraction=0.1, test_fraction=0.2, target="abs_log10", limit=0)
     c.layout = dict(max_chain=66, max_side=160, max_joint=256)
     # the encoder: a local HF ESM2 checkpoint (or hub name), or "" to pretrain this small ESM2 by MLM here
-    c.encoder = dict(checkpoint="", d_model=64, num_layers=4, num_heads=4, mlp_dim=256, feature_dtype="float32")
+    c.encoder = dict(checkpoint="", tokenizer_style="auto", d_model=64, num_layers=4, num_heads=4, mlp_dim=256, feature_dtype="float32")
     c.mlm = dict(steps=400, batch_size=32, seq_len=128, lr=2e-3, valid_fraction=0.1)
     c.head = dict(convbert_dropout=0.2, convbert_attn_dropout=0.1, concat_first=True, cross_heads=8,
                   implementation="auto")

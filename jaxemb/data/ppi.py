@@ -321,6 +321,28 @@ def composition_baseline(data: Dataset, split: dict, alpha: float = 1.0) -> dict
 # ---------------------------------------------------------------- the token layouts the heads read
 
 
+@dataclasses.dataclass(frozen=True)
+class Vocab:
+    """How a backbone tokenizes chains: encode(seq) -> (ids without framing, letters mapped to <unk>), the
+    <eos> and <pad> ids, and the <cls> id opening every sequence (None: no <cls>, as T5 models)."""
+    name: str
+    encode: object
+    eos: int
+    pad: int
+    cls: int | None = None
+
+
+ESM = Vocab("esm", proteins.encode, proteins.EOS, proteins.PAD, proteins.CLS)
+
+
+def t5_vocab(tokenizer) -> Vocab:
+    """The Vocab of a jaxemb.models.t5.T5Tokenizer (ProtT5 or Ankh): chains end in </s>, no <cls>."""
+    def encode(seq):
+        ids = tokenizer.encode(seq)
+        return ids, sum(i == tokenizer.unk_id for i in ids)
+    return Vocab(f"t5-{tokenizer.style}", encode, tokenizer.eos_id, tokenizer.pad_id, None)
+
+
 def fit_chains(lengths, room: int) -> list[int]:
     """Residues kept per chain so that they sum to at most `room`: the longest chains are cut first (one
     cap c, each chain keeps min(length, c)), every chain keeps at least one residue."""
@@ -336,14 +358,14 @@ def fit_chains(lengths, room: int) -> list[int]:
     return [min(n, lo) for n in lengths]
 
 
-def _framed(chains, room: int, cls: bool):
-    """ESM ids of chains joined as [<cls>] c1 <eos> c2 <eos> ..., chains cut (fit_chains) so that the
-    residues fit `room`; (ids, chains cut, unknown letters)."""
-    enc = [proteins.encode(s) for s in chains]
+def _framed(chains, room: int, vocab: Vocab):
+    """Ids of chains joined as [<cls>] c1 <eos> c2 <eos> ..., chains cut (fit_chains) so that the residues
+    fit `room`; (ids, chains cut, unknown letters)."""
+    enc = [vocab.encode(s) for s in chains]
     keep = fit_chains([len(e) for e, _ in enc], room)
-    ids = [proteins.CLS] if cls else []
+    ids = [] if vocab.cls is None else [vocab.cls]
     for (e, _), k in zip(enc, keep):
-        ids += e[:k] + [proteins.EOS]
+        ids += e[:k] + [vocab.eos]
     return ids, sum(k < len(e) for (e, _), k in zip(enc, keep)), sum(u for _, u in enc)
 
 
@@ -361,13 +383,12 @@ class Layout:
     max_side: int = 2000   # tokens of one side `<cls> c1 <eos> c2 <eos> ...` (EC, PAD)
     max_joint: int = 2000  # tokens of `<cls> L1 <eos> ... R1 <eos> ...` (SC) and of a packed complex (HP)
 
-    def key(self) -> str:
-        return f"esm:chain{self.max_chain}:side{self.max_side}:joint{self.max_joint}"
 
 
-def layouts(complexes, layout: Layout = Layout()) -> dict:
-    """Every token layout of the complexes (ESM ids, <pad> = proteins.PAD), as arrays with one row per
-    complex unless noted, each cut to `layout` keeping every chain's <eos> (the longest chains cut first):
+def layouts(complexes, layout: Layout = Layout(), vocab: Vocab = ESM) -> dict:
+    """Every token layout of the complexes in a backbone's ids (`vocab`; ESM2's by default; T5 models have
+    no <cls> and end chains with </s>), as arrays with one row per complex unless noted, each cut to
+    `layout` keeping every chain's <eos> (the longest chains cut first):
 
     lig, rec (N, Ws) + lig_len, rec_len (N,)   one sequence per side, `<cls> c1 <eos> c2 <eos> ...` (EC, PAD)
     sc (N, Wj) + sc_len                         `<cls> L1 <eos> ... R1 <eos> ...`, ligands first (SC)
@@ -383,6 +404,7 @@ def layouts(complexes, layout: Layout = Layout()) -> dict:
     for name in ("max_chain", "max_side", "max_joint"):
         if getattr(layout, name) < 3:
             raise ValueError(f"layout {name}={getattr(layout, name)}; expected at least 3 tokens")
+    c0 = vocab.cls is not None  # tokens a sequence spends on <cls>
     lig, rec, sc, packed, seg, idx = [], [], [], [], [], []
     table, rows = {}, []
     cut = {"side": 0, "sc": 0, "chain": 0, "packed": 0}
@@ -390,29 +412,30 @@ def layouts(complexes, layout: Layout = Layout()) -> dict:
     for c in complexes:
         chains = c.ligands + c.receptors
         for side, out in ((c.ligands, lig), (c.receptors, rec)):
-            ids, k, _ = _framed(side, layout.max_side - 1 - len(side), cls=True)
+            ids, k, _ = _framed(side, layout.max_side - c0 - len(side), vocab)
             out.append(ids)
             cut["side"] += k > 0
-        ids, k, u = _framed(chains, layout.max_joint - 1 - len(chains), cls=True)
+        ids, k, u = _framed(chains, layout.max_joint - c0 - len(chains), vocab)
         sc.append(ids)
         cut["sc"] += k > 0
         unknown += u
         # packed: every chain framed on its own, the longest cut first so that the row fits
-        keep = fit_chains([len(s) for s in chains], layout.max_joint - 2 * len(chains))
-        keep = [min(k, layout.max_chain - 2) for k in keep]
+        enc = [vocab.encode(s)[0] for s in chains]
+        keep = fit_chains([len(e) for e in enc], layout.max_joint - (1 + c0) * len(chains))
+        keep = [min(k, layout.max_chain - 1 - c0) for k in keep]
         row, ids_seg = [], []
-        for j, (s, kj) in enumerate(zip(chains, keep), 1):
-            framed = [proteins.CLS] + proteins.encode(s)[0][:kj] + [proteins.EOS]
+        for j, (e, kj) in enumerate(zip(enc, keep), 1):
+            framed = ([vocab.cls] if c0 else []) + e[:kj] + [vocab.eos]
             row += framed
             ids_seg += [j] * len(framed)
         packed.append(row)
         seg.append(ids_seg)
-        cut["packed"] += any(kj < len(s) for s, kj in zip(chains, keep))
+        cut["packed"] += any(kj < len(e) for e, kj in zip(enc, keep))
         slots = []
         for s in chains:
             if s not in table:
                 table[s] = len(rows)
-                ids, k, _ = _framed([s], layout.max_chain - 2, cls=True)
+                ids, k, _ = _framed([s], layout.max_chain - 1 - c0, vocab)
                 rows.append(ids)
                 cut["chain"] += k > 0
             slots.append(table[s])
@@ -422,7 +445,7 @@ def layouts(complexes, layout: Layout = Layout()) -> dict:
     width = lambda rs: max(len(r) for r in rs)
     out = {}
     for name, rs in (("lig", lig), ("rec", rec), ("sc", sc), ("chain_tokens", rows), ("packed", packed)):
-        out[name], out[name + "_len"] = _pad_rows(rs, width(rs), proteins.PAD)
+        out[name], out[name + "_len"] = _pad_rows(rs, width(rs), vocab.pad)
     out["packed_seg"] = _pad_rows(seg, out["packed"].shape[1], 0)[0]
     del out["packed_len"]
     cmax = int((n_lig + n_rec).max())

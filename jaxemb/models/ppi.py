@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxemb.models import plm
 from jaxemb.nn.pooling import SimpleAttentionPooling
 
 HEADS = ("ec", "sc", "hp", "pad")
@@ -212,13 +213,6 @@ def make_head(cfg: HeadConfig) -> nn.Module:
 MODES = ("frozen", "finetune")
 
 
-def encoder_hidden(model, params, tokens, segment_ids):
-    """Last hidden states (B, L, D) of an ESM2-architecture encoder (jaxemb.models.esm2.esm2); segment ids
-    1, 2, ... per sequence packed in a row (0 = padding) keep attention inside each sequence."""
-    _, hidden = model.apply({"params": params}, tokens, segment_ids, pad_mask=segment_ids > 0)
-    return hidden["final"]
-
-
 def distinct_rows(tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(table, inverse): the distinct rows of a token array and each row's index into them."""
     table, inverse = np.unique(tokens, axis=0, return_inverse=True)
@@ -257,28 +251,27 @@ def batch_arrays(lay: dict, kind: str, mode: str) -> tuple[dict, dict]:
     return arrays, tables
 
 
-def embed_tables(model, params, tables: dict, batch_size: int = 64, dtype=np.float32, progress=True) -> dict:
-    """{name: (U, W, D) per-residue embeddings} of token tables (jaxemb.data.proteins ids, <pad> after each
+def embed_tables(model, params, tables: dict, pad_id: int, batch_size: int = 64, dtype=np.float32,
+                 progress=True) -> dict:
+    """{name: (U, W, D) per-residue embeddings} of token tables (a backbone's ids, `pad_id` after each
     sequence), computed in jitted batches; plus {name + '_len': (U,)} lengths."""
     from tqdm.auto import tqdm
-    from jaxemb.data import proteins
-    fn = jax.jit(lambda p, t: encoder_hidden(model, p, t, (t != proteins.PAD).astype(jnp.int32)))
+    fn = jax.jit(lambda p, t: plm.hidden(model, p, t, (t != pad_id).astype(jnp.int32)))
     out = {}
     for name, toks in tables.items():
         rows = []
         for i in tqdm(range(0, len(toks), batch_size), desc=f"embedding {name} ({len(toks)} sequences)",
                       disable=not progress, mininterval=1.0):
             chunk = toks[i:i + batch_size]
-            pad = batch_size - len(chunk)
-            full = np.concatenate([chunk, np.full((pad, chunk.shape[1]), proteins.PAD, chunk.dtype)])
+            full = np.concatenate([chunk, np.full((batch_size - len(chunk), chunk.shape[1]), pad_id, chunk.dtype)])
             rows.append(np.asarray(fn(params, full))[:len(chunk)].astype(dtype))
         out[name] = np.concatenate(rows)
-        out[name + "_len"] = (toks != proteins.PAD).sum(1).astype(np.int32)
+        out[name + "_len"] = (toks != pad_id).sum(1).astype(np.int32)
     return out
 
 
 class PPITask:
-    """A head (HeadConfig) on an ESM2-architecture encoder, for the training core.
+    """A head (HeadConfig) on a protein-LM backbone (jaxemb.models.plm.Backbone: ESM2 or T5), for the core.
 
     mode "frozen": the per-residue embeddings are Task constants (`features`, from embed_tables) and the
       batch holds row ids into them (batch_arrays): training costs only the head.
@@ -288,15 +281,14 @@ class PPITask:
     training split; `predict` returns target units. Batches also hold 'y' (N,) and 'weights'.
     """
 
-    def __init__(self, head: HeadConfig, encoder_cfg, mode: str = "frozen", features: dict | None = None,
+    def __init__(self, head: HeadConfig, backbone: plm.Backbone, mode: str = "frozen", features: dict | None = None,
                  encoder_path: str | None = None, target_stats=(0.0, 1.0), tokens_per_example: int = 1):
-        from jaxemb.models.esm2 import esm2
         if mode not in MODES:
             raise ValueError(f"mode={mode!r}; expected one of {MODES}")
         if (mode == "frozen") != (features is not None):
             raise ValueError("mode 'frozen' needs `features` (embed_tables); 'finetune' takes none")
-        self.cfg, self.mode, self.encoder_cfg = head, mode, encoder_cfg
-        self.head, self.encoder = make_head(head), esm2(encoder_cfg)
+        self.cfg, self.mode, self.backbone = head, mode, backbone
+        self.head, self.encoder = make_head(head), backbone.model()
         self.mean, self.std = float(target_stats[0]), float(target_stats[1])
         if not self.std > 0:
             raise ValueError(f"target_stats={target_stats}; the std must be > 0")
@@ -321,7 +313,7 @@ class PPITask:
             safe = jnp.maximum(idx, 0)
             return dict(chains=f("chain", safe), chain_len=jnp.where(idx >= 0, constants["chain_len"][safe], 0),
                         n_lig=batch["n_lig"], n_rec=batch["n_rec"])
-        enc = lambda t, seg: encoder_hidden(self.encoder, params["encoder"], t, seg)
+        enc = lambda t, seg: plm.hidden(self.encoder, params["encoder"], t, seg)
         if k in ("ec", "pad"):
             n = batch["lig"].shape[0]
             both = jnp.concatenate([batch["lig"], batch["rec"]])         # one encoder call for both sides

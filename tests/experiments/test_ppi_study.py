@@ -54,3 +54,34 @@ def test_paper_config_is_the_reference_recipe():
     assert c.train.best_metric == "spearman" and c.encoder.checkpoint == "facebook/esm2_t33_650M_UR50D"
     with pytest.raises(ValueError, match="unknown config 'big'"):
         get_config("big")
+
+
+@pytest.mark.requires_transformers
+def test_study_runs_on_a_t5_checkpoint_with_its_own_tokenizer(tmp_path):
+    """A tiny random ProtT5-style checkpoint (transformers T5EncoderModel + a sentencepiece model in ProtT5's
+    format): chains end in </s> with no <cls>, and both modes train on it."""
+    import sentencepiece as spm
+    sys.path.insert(0, os.path.join(ROOT, "tests", "models"))
+    import make_t5_fixture as fx
+    from jaxemb.data import ppi as data
+    from jaxemb.models import plm
+    ckpt = tmp_path / "prot_t5_tiny"
+    fx.tiny_t5("gated-gelu", seed=2).save_pretrained(ckpt)
+    letters = "ACDEFGHIKLMNPQRSTVWYX"
+    rng = np.random.default_rng(0)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter([" ".join(rng.choice(list(letters), 30)) for _ in range(200)]),
+        model_prefix=str(ckpt / "spiece"), model_type="word", vocab_size=len(letters) + 3, pad_id=0, eos_id=1,
+        unk_id=2, bos_id=-1, minloglevel=2)
+    bb, _ = plm.from_checkpoint(str(ckpt))
+    assert bb.kind == "t5" and bb.vocab.name == "t5-prot_t5" and bb.vocab.cls is None
+    c = data.Complex("X", ("MKV", "AC"), ("WY",), 1e-9, 9.0, 2)
+    lay = data.layouts([c], data.Layout(), bb.vocab)
+    sc = lay["sc"][0][:lay["sc_len"][0]].tolist()
+    assert len(sc) == 3 + 2 + 2 + 3 and sc.count(bb.vocab.eos) == 3 and sc[3] == bb.vocab.eos and sc[-1] == 1
+    wd = tmp_path / "run"
+    res = study.main(["--config", "tiny", "--workdir", str(wd), "--checkpoint", str(ckpt),
+                      "study.variants=convbert:pad,finetune:hp", "train.progress=False"])
+    assert res["derived"]["backbone"] == "t5" and [r["setup"] for r in res["table"]][:2] == ["convbert-PAD",
+                                                                                          "finetune-HP"]
+    assert all(np.isfinite(r["test_pred"]).all() for r in res["runs"].values())

@@ -277,7 +277,8 @@ def test_finetuning_an_hp_head_through_the_core_lowers_validation_loss(tmp_path)
     enc = Esm2Config(vocab_size=len(proteins.ALPHABET), d_model=16, num_layers=1, num_heads=2, mlp_dim=32,
                      token_dropout=False)
     y = arrays["y"]
-    task = ppi.PPITask(ppi.HeadConfig(kind="hp", max_chains=3), enc, "finetune",
+    from jaxemb.models.plm import esm2_backbone
+    task = ppi.PPITask(ppi.HeadConfig(kind="hp", max_chains=3), esm2_backbone(enc), "finetune",
                        target_stats=(y[:160].mean(), y[:160].std()))
     cfg = core_config()
     cfg.train.update(steps=60, batch_size=16, eval_every=20, eval_batches=2, checkpoint_every=60, progress=False)
