@@ -7,17 +7,32 @@ the same stages at tiny sizes.
 """
 from __future__ import annotations
 
+import functools
 import gc
 import shutil
 import tempfile
 import time
+import traceback
+import warnings
 
 import numpy as np
 
 PRESETS = {
     "gpu": {
-        "kernels": dict(impl="pallas_gpu", interpret=False, dtypes=("bfloat16", "float32"),
-                        shapes=[(4, 1000, 256, 8), (2, 8192, 512, 16), (8, 300, 128, 64)]),
+        "kernels": dict(
+            impl="pallas_gpu", interpret=False, dtypes=("bfloat16", "float32"),
+            compile=dict(preset="gpu", dtypes=("bfloat16",),
+                         extra=[((4, 4096, 600, 20), "bfloat16"), ((8, 4096, 1280, 8), "float32")]),
+            cases=[dict(name="lengths 0/1/odd/L", kind="lengths", shape=(4, 1000, 256, 8)),
+                   dict(name="packed, empty segments", kind="segments", shape=(4, 1000, 256, 8), segments=8,
+                        seg_len=160),
+                   dict(name="split-L", kind="lengths", shape=(1, 65536, 1024, 8), lengths=[65529]),
+                   dict(name="two head tiles, short segments", kind="segments", shape=(4, 512, 600, 20),
+                        segments=96, seg_len=8),
+                   dict(name="NaN padding", kind="lengths", shape=(4, 1000, 256, 8), nan=True)],
+            bandwidth=dict(shapes=[(8, 4096, 1024, 8), (2, 32768, 1024, 16)], dtypes=("bfloat16",), iters=50,
+                           repeats=3),
+            sweep=dict(shape=(8, 4096, 1024, 8), dtype="bfloat16", grid=None, iters=50, repeats=3)),
         "bench": dict(preset="gpu", max_len=32768, dtypes=("bfloat16", "float32"), iters=20,
                       fallback=[(8, 4096, 1024, 8), (32, 4096, 1024, 8), (4, 16384, 1024, 16),
                                 (64, 1024, 768, 12), (2, 32768, 1280, 16)]),
@@ -28,8 +43,21 @@ PRESETS = {
                          max_steps=20000, max_epochs=4),
     },
     "cpu-smoke": {
-        "kernels": dict(impl="pallas_gpu", interpret=True, dtypes=("bfloat16", "float32"),
-                        shapes=[(2, 40, 16, 3)]),
+        "kernels": dict(
+            impl="pallas_gpu", interpret=True, dtypes=("float32",),
+            compile=dict(preset="cpu-smoke", dtypes=("float32",),
+                         extra=[((1, 24, 600, 20), "bfloat16"), ((1, 24, 1280, 2), "float32")]),
+            # shapes shared between cases, so that each compiles once
+            cases=[dict(name="lengths 0/1/odd/L", kind="lengths", shape=(4, 1024, 16, 2)),
+                   dict(name="packed, empty segments", kind="segments", shape=(2, 32, 600, 20), segments=12,
+                        seg_len=3),
+                   dict(name="split-L", kind="lengths", shape=(4, 1024, 16, 2), lengths=[1017, 1024, 600, 3]),
+                   dict(name="two head tiles, short segments", kind="segments", shape=(2, 32, 600, 20),
+                        segments=12, seg_len=3),
+                   dict(name="NaN padding", kind="lengths", shape=(4, 1024, 16, 2), nan=True)],
+            bandwidth=dict(shapes=[(2, 40, 16, 2)], dtypes=("float32",), iters=2, repeats=1),
+            sweep=dict(shape=(2, 40, 16, 2), dtype="float32", iters=2, repeats=1,
+                       grid={"block_l": (16, 32), "num_warps": (4,), "num_stages": (2,)})),
         "bench": dict(preset="cpu-smoke", max_len=32768, dtypes=("float32",), iters=1,
                       fallback=[(2, 64, 16, 4)]),
         "lm": dict(size="tiny", steps=4, chunk=2, peak_n=256),
@@ -47,38 +75,12 @@ SPEC_BF16_FLOPS = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("
 TOLERANCE = {"float32": {"fwd": 1e-4, "grad": 1e-3}, "bfloat16": {"fwd": 3e-2, "grad": 6e-2}}
 
 
-# -- float64 references ------------------------------------------------------------------------------------
+# -- stage 1: attention-pool kernels: compile, correctness, bandwidth, knob sweep ----------------------------
 
-def range_masks(L: int, lengths=None, segment_ids=None, num_segments: int = 1) -> np.ndarray:
-    """(B, S, L) bool: the positions each pooled row covers (S = 1 for lengths)."""
-    if segment_ids is None:
-        return (np.arange(L)[None, :] < np.asarray(lengths)[:, None])[:, None, :]
-    ids = np.asarray(segment_ids)
-    return ids[:, None, :] == np.arange(num_segments)[None, :, None]
-
-
-def pool_and_grads_f64(x, q, masks, g):
-    """Attention pooling and its gradients in float64 from the definition. x (B, L, D), q (H, D), masks
-    (B, S, L), g (B, S, H, D) the cotangent of the output. Returns out (B, S, H, D), dx, dq."""
-    x, q, g = (np.asarray(np.asarray(a, np.float32), np.float64) for a in (x, q, g))
-    B, S = masks.shape[:2]
-    out, dx, dq = np.zeros(g.shape), np.zeros(x.shape), np.zeros(q.shape)
-    for b in range(B):
-        for s in range(S):
-            m = masks[b, s]
-            if not m.any():
-                continue
-            xs = x[b, m]                                      # (n, D)
-            sc = q @ xs.T                                     # (H, n)
-            p = np.exp(sc - sc.max(1, keepdims=True))
-            p /= p.sum(1, keepdims=True)
-            o = p @ xs
-            out[b, s] = o
-            gs = g[b, s]
-            ds = p * (gs @ xs.T - np.sum(gs * o, 1, keepdims=True))  # d loss / d scores
-            dx[b, m] += p.T @ gs + ds.T @ q
-            dq += ds @ xs
-    return out, dx, dq
+def pool_fn(impl: str, interpret):
+    """The implementation under test: pool(x, q, lengths=... or segment_ids=..., num_segments=...)."""
+    from jaxemb.kernels.attention_pool import attention_pool
+    return functools.partial(attention_pool, implementation=impl, interpret=interpret)
 
 
 def tolerance_ratio(actual, want, tol: float) -> tuple[float, float]:
@@ -93,66 +95,210 @@ def tolerance_ratio(actual, want, tol: float) -> tuple[float, float]:
     return float(err.max(initial=0)), float((err / bound).max(initial=0))
 
 
-def random_case(rng, B, L, D, H, mode, max_segments=4):
-    """Inputs of one check: x, q (numpy float64), lengths or segment ids mixing empty, full and ragged rows."""
+def case_inputs(rng, spec: dict):
+    """x (float64; NaN in the padding when spec["nan"]), q, the call's keyword arguments (numpy) and the (B, L)
+    padding mask (positions no range covers) of one correctness case. kind "lengths": spec["lengths"], by
+    default [L, 1, odd, 0] over the rows; kind "segments": spec["segments"] ids per row in runs of 1 to
+    spec["seg_len"] positions, every third id empty, row 1 all padding."""
+    B, L, D, H = spec["shape"]
     x = rng.normal(size=(B, L, D))
     q = rng.normal(size=(H, D)) / np.sqrt(D)
-    if mode == "lengths":
-        lengths = np.array([[0, L, 1][b] if b < 3 else rng.integers(1, L) for b in range(B)], np.int32)
-        return x, q, dict(lengths=lengths), range_masks(L, lengths=lengths)
-    ids = np.full((B, L), -1, np.int32)
-    for b in range(B):
-        n = L if b == 0 else int(rng.integers(0, L + 1))
-        cuts = np.sort(rng.integers(0, n + 1, size=max_segments - 1))
-        ids[b, :n] = np.repeat(np.arange(max_segments), np.diff(np.concatenate([[0], cuts, [n]])))
-    kw = dict(segment_ids=ids, num_segments=max_segments)
-    return x, q, kw, range_masks(L, segment_ids=ids, num_segments=max_segments)
+    if spec["kind"] == "lengths":
+        pattern = spec.get("lengths") or [L, 1, (L // 2) | 1, 0]
+        lengths = np.array([pattern[b % len(pattern)] for b in range(B)], np.int32)
+        kw, pad = dict(lengths=lengths), np.arange(L)[None, :] >= lengths[:, None]
+    elif spec["kind"] == "segments":
+        S = spec["segments"]
+        ids = np.full((B, L), -1, np.int32)
+        for b in range(B):
+            if b == 1:
+                continue                                   # a row of padding only
+            runs = rng.integers(1, spec["seg_len"] + 1, size=S)
+            runs[1::3] = 0                                 # empty segments
+            ends = np.minimum(np.cumsum(runs), L)
+            for s, (start, end) in enumerate(zip(np.concatenate([[0], ends[:-1]]), ends)):
+                ids[b, start:end] = s
+        kw, pad = dict(segment_ids=ids, num_segments=S), ids < 0
+    else:
+        raise ValueError(f"case {spec.get('name')!r}: kind must be 'lengths' or 'segments', got {spec['kind']!r}")
+    if spec.get("nan"):
+        x[pad] = np.nan
+    return x, q, kw, pad
 
 
-# -- stage 1: attention-pool kernels against float64 -----------------------------------------------------
+def _head_tiles(impl, L, D, H, itemsize):
+    """Head tiles the GPU kernel uses for a shape (None when its config() cannot say)."""
+    try:
+        from jaxemb.kernels.attention_pool import pallas_gpu
+        cfg = pallas_gpu.config(L, D, H, itemsize)  # (block_l, head_tile, dim_p, heads_p, ...)
+        tiles = getattr(cfg, "heads_p", cfg[3]) // getattr(cfg, "head_tile", cfg[1])
+        return int(tiles) if impl == "pallas_gpu" else None
+    except Exception:  # another kernel, or a config() of another shape
+        return None
+
+
+def _fwd_bwd(pool, num_segments):
+    """jit of (x, q, g, arrays) -> (pooled output f32, dx, dq) for cotangent g."""
+    import jax
+    import jax.numpy as jnp
+    static = {} if num_segments is None else dict(num_segments=num_segments)
+
+    def f(x, q, g, arrays):
+        y, vjp = jax.vjp(lambda x, q: pool(x, q, **arrays, **static).astype(jnp.float32), x, q)
+        return (y,) + vjp(g)
+    return jax.jit(f)
+
+
+def check_case(spec, dtype, x64, q64, kw, pad, g64, fns, tolerance=None) -> dict:
+    """Kernel vs the float32 XLA reference (on x with the padding zeroed) for one case: max errors and tolerance
+    ratios of forward, dx and dq, the largest |dx| in the padding (must be exactly 0) and pass/FAIL."""
+    import jax.numpy as jnp
+    tol = (tolerance or TOLERANCE)[dtype]
+    arrays = {k: jnp.asarray(v) for k, v in kw.items() if k != "num_segments"}
+    kernel, ref = fns(kw.get("num_segments"))
+    x = jnp.asarray(x64, dtype)
+    q, g = jnp.asarray(q64, jnp.float32), jnp.asarray(g64, jnp.float32)
+    got = [np.asarray(a, np.float32) for a in kernel(x, q, g, arrays)]
+    x_ref = jnp.where(jnp.asarray(pad)[..., None], 0, x).astype(jnp.float32)
+    want = [np.asarray(a, np.float64) for a in ref(x_ref, q, g, arrays)]
+    res = {}
+    for name, a, w, t in zip(("fwd", "dx", "dq"), got, want, (tol["fwd"], tol["grad"], tol["grad"])):
+        res[f"{name}_max_err"], res[f"{name}_tol_ratio"] = tolerance_ratio(a, w, t)
+    dx_pad = got[1][pad]
+    res["dx_pad_max"] = float(np.abs(dx_pad).max(initial=0)) if np.isfinite(dx_pad).all() else float("inf")
+    ok = max(res[f"{k}_tol_ratio"] for k in ("fwd", "dx", "dq")) <= 1 and res["dx_pad_max"] == 0
+    res["status"] = "pass" if ok else "FAIL"
+    return res
+
+
+def _error(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}"[:500]
+
+
+def kernel_compile(p, deadline, out, flush):
+    """Compiles forward+backward for the bench presets and the extra shapes; compile seconds, temporary memory,
+    how many Pallas kernel calls the compiled program holds, and the warnings (an XLA fallback says so)."""
+    import jax
+    import jax.numpy as jnp
+    from jaxemb.kernels import bench as kb
+    pool = pool_fn(p["impl"], p["interpret"])
+    grad = jax.grad(lambda x, q, n: jnp.sum(pool(x, q, lengths=n).astype(jnp.float32) ** 2), argnums=(0, 1))
+    c = p["compile"]
+    todo = [(tuple(s), d) for s in kb.PRESETS[c["preset"]] for d in c["dtypes"]]
+    todo += [(tuple(s), d) for s, d in c["extra"]]
+    for (B, L, D, H), dtype in todo:
+        row = dict(B=B, L=L, D=D, H=H, dtype=dtype)
+        out["compile"].append(row)
+        if time.time() > deadline:
+            row["status"] = "skipped (time budget)"
+            continue
+        try:
+            specs = (jax.ShapeDtypeStruct((B, L, D), jnp.dtype(dtype)), jax.ShapeDtypeStruct((H, D), jnp.float32),
+                     jax.ShapeDtypeStruct((B,), jnp.int32))
+            t = time.perf_counter()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                compiled = jax.jit(grad).lower(*specs).compile()
+            row.update(status="ok", compile_s=time.perf_counter() - t,
+                       warnings=sorted({str(w.message)[:200] for w in caught})[:3])
+            text = compiled.as_text() or ""
+            row["kernel_calls"] = sum(text.count(k) for k in ("xla.gpu.triton", "mosaic_gpu", "tpu_custom_call"))
+            try:
+                row["temp_mb"] = compiled.memory_analysis().temp_size_in_bytes / 2 ** 20
+            except Exception:  # not every backend reports it
+                row["temp_mb"] = None
+        except Exception as e:  # keep the other shapes
+            row.update(status="error", error=_error(e))
+        flush()
+
+
+def kernel_cases(p, deadline, out, flush):
+    """Correctness cases (p["cases"]) x dtypes against the float32 XLA reference; each records its own error."""
+    kernel, ref = pool_fn(p["impl"], p["interpret"]), pool_fn("xla", False)
+    cache = {}
+
+    def fns(num_segments):  # one jit per (pool, num_segments): cases of one shape compile once
+        if num_segments not in cache:
+            cache[num_segments] = (_fwd_bwd(kernel, num_segments), _fwd_bwd(ref, num_segments))
+        return cache[num_segments]
+
+    for dtype in p["dtypes"]:  # every case in the first dtype before any in the second
+        for i, spec in enumerate(p["cases"]):
+            B, L, D, H = spec["shape"]
+            case = dict(name=spec["name"], kind=spec["kind"], B=B, L=L, D=D, H=H, dtype=dtype,
+                        nan_padding=bool(spec.get("nan")),
+                        head_tiles=_head_tiles(p["impl"], L, D, H, 2 if dtype == "bfloat16" else 4))
+            out["cases"].append(case)
+            if time.time() > deadline:
+                case["status"] = "skipped (time budget)"
+                continue
+            try:
+                rng = np.random.default_rng(i)  # the same inputs for every dtype
+                x64, q64, kw, pad = case_inputs(rng, spec)
+                S = kw.get("num_segments")
+                g64 = rng.normal(size=(B, H, D) if S is None else (B, S, H, D))
+                t = time.perf_counter()
+                case.update(check_case(spec, dtype, x64, q64, kw, pad, g64, fns))
+                case["seconds"] = time.perf_counter() - t
+            except Exception as e:  # keep the other cases
+                case.update(status="error", error=_error(e))
+            flush()
+
+
+def kernel_bandwidth(p, deadline, out, flush):
+    """jaxemb.kernels.bench rows (looped per-call time, GB/s of the bytes moved, % of HBM peak, XLA) at full
+    and half lengths."""
+    import jax.numpy as jnp
+    from jaxemb.kernels import bench as kb
+    b = p["bandwidth"]
+    for shape in b["shapes"]:
+        for dtype in b["dtypes"]:
+            if time.time() > deadline:
+                out["bandwidth"].append(dict(zip("BLDH", shape), dtype=dtype, fill="-", mode="-",
+                                             error="skipped (time budget)"))
+            else:  # kb.run records a failing shape as a row with an error
+                out["bandwidth"] += kb.run([tuple(shape)], [jnp.dtype(dtype).type], p["impl"], p["interpret"],
+                                           b["iters"], fills=("full", "half"), repeats=b["repeats"])
+            out["bandwidth_table"] = kb.table(out["bandwidth"])
+            flush()
+
+
+def kernel_sweep(p, deadline, out, flush):
+    """jaxemb.kernels.bench.sweep over the knobs the kernel takes (block rows x warps x stages)."""
+    import jax.numpy as jnp
+    from jaxemb.kernels import bench as kb
+    s = p["sweep"]
+
+    def saved(row):
+        out["sweep"].append(row)
+        out["sweep_table"] = kb.sweep_table(out["sweep"])
+        flush()
+
+    kb.sweep(tuple(s["shape"]), jnp.dtype(s["dtype"]).type, p["impl"], p["interpret"], s["iters"],
+             grid=s.get("grid"), deadline=deadline, note=out["notes"].append, repeats=s["repeats"],
+             on_row=saved)
+
+
+# The kernels stage's steps in order, each with its part of the stage time left when it starts.
+KERNEL_STEPS = (("compile", kernel_compile, 0.2), ("cases", kernel_cases, 0.35),
+                ("bandwidth", kernel_bandwidth, 0.5), ("sweep", kernel_sweep, 1.0))
+
 
 def kernels(p, deadline, out, flush):
     import jax
-    import jax.numpy as jnp
-    from jaxemb.kernels.attention_pool import attention_pool
-    rng = np.random.default_rng(0)
-    out.update(implementation=p["impl"], interpret=p["interpret"], tolerance=TOLERANCE, cases=[])
-    for (B, L, D, H) in p["shapes"]:
-        for mode in ("lengths", "segments"):
-            x64, q64, kw, masks = random_case(rng, B, L, D, H, mode)
-            g64 = rng.normal(size=(B, masks.shape[1], H, D))
-            for dtype in p["dtypes"]:
-                case = dict(B=B, L=L, D=D, H=H, mode=mode, dtype=dtype)
-                if time.time() > deadline:
-                    out["cases"].append(dict(case, status="skipped (time budget)"))
-                    continue
-                x = jnp.asarray(x64, dtype)
-                q = jnp.asarray(q64, jnp.float32)
-                g = jnp.asarray(g64 if mode == "segments" else g64[:, 0], jnp.float32)
-                kwj = {k: (jnp.asarray(v) if k != "num_segments" else v) for k, v in kw.items()}
-
-                def pool(x, q):
-                    return attention_pool(x, q, implementation=p["impl"], interpret=p["interpret"], **kwj)
-
-                def fwd_bwd(x, q, g):
-                    y, vjp = jax.vjp(lambda x, q: pool(x, q).astype(jnp.float32), x, q)
-                    return (y,) + vjp(g)
-
-                t = time.perf_counter()
-                y, dx, dq = jax.block_until_ready(jax.jit(fwd_bwd)(x, q, g))
-                seconds = time.perf_counter() - t
-                want, wdx, wdq = pool_and_grads_f64(x, q, masks, g64 if mode == "segments" else g64[:, :1])
-                if mode == "lengths":
-                    want = want[:, 0]
-                tol = TOLERANCE[dtype]
-                errs = {"fwd": tolerance_ratio(y, want, tol["fwd"]), "dx": tolerance_ratio(dx, wdx, tol["grad"]),
-                        "dq": tolerance_ratio(dq, wdq, tol["grad"])}
-                case.update({f"{k}_max_err": e for k, (e, _) in errs.items()})
-                case.update({f"{k}_tol_ratio": r for k, (_, r) in errs.items()})
-                case.update(status="pass" if max(r for _, r in errs.values()) <= 1 else "FAIL",
-                            compile_run_s=seconds)
-                out["cases"].append(case)
-                flush()
+    from jaxemb.kernels import bench as kb
+    out.update(implementation=p["impl"], interpret=p["interpret"], tolerance=TOLERANCE,
+               peak_gbps=kb.peak_gbps(jax.devices()[0]), steps={}, compile=[], cases=[], bandwidth=[],
+               sweep=[], notes=[])
+    for name, step, part in KERNEL_STEPS:  # one failing step loses nothing of the others
+        t = time.time()
+        try:
+            step(p, t + part * max(0.0, deadline - t), out, flush)
+            out["steps"][name] = dict(status="ok", seconds=time.time() - t)
+        except Exception as e:
+            out["steps"][name] = dict(status="error", seconds=time.time() - t, error=_error(e),
+                                      traceback=traceback.format_exc()[-2000:])
+        flush()
     checked = [c for c in out["cases"] if c["status"] in ("pass", "FAIL")]
     out["passed"] = sum(c["status"] == "pass" for c in checked)
     out["checked"] = len(checked)

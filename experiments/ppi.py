@@ -138,7 +138,8 @@ def run_variant(cfg, name, mode, kind, seed, bb, enc_path, lay, d, split, workdi
                           implementation=cfg.head.implementation)
     features = frozen_features(bb, enc_path, tables, workdir, cfg.encoder.feature_dtype) if mode == "frozen" else None
     task = ppi.PPITask(head, bb, mode, features, enc_path if mode == "finetune" else None,
-                       (float(y[tr].mean()), float(y[tr].std())))
+                       (float(y[tr].mean()), float(y[tr].std())),
+                       lora_rank=cfg.finetune.lora_rank if mode == "finetune" else 0, lora_alpha=cfg.finetune.lora_alpha)
     take = lambda idx: {k: v[idx] for k, v in arrays.items()}
     b = cfg.train.batch_size
     train = ArraySource(take(tr), b, seed=seed, shuffle=True, drop_last=True, what="training complexes")

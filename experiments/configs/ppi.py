@@ -23,7 +23,7 @@ def get_config(name: str = "default") -> ml_collections.ConfigDict:
     c.head = dict(convbert_dropout=0.2, convbert_attn_dropout=0.1, concat_first=True, cross_heads=8,
                   implementation="auto")
     c.study = dict(variants=VARIANTS, seeds=1)
-    c.finetune = dict(lr=2e-4, steps=0)  # steps 0: train.steps
+    c.finetune = dict(lr=2e-4, steps=0, lora_rank=0, lora_alpha=32.0)  # steps 0: train.steps; lora_rank 0: full
     c.train.update(steps=300, batch_size=16, log_every=10, eval_every=50, eval_batches=1,
                    checkpoint_every=100, best_metric="spearman", best_mode="max")
     c.optim.update(lr=1e-3, end_lr=1e-4, warmup_steps=20, weight_decay=0.0)

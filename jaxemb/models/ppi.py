@@ -277,12 +277,16 @@ class PPITask:
       batch holds row ids into them (batch_arrays): training costs only the head.
     mode "finetune": the encoder runs inside the loss on the batch's tokens; its params are params['encoder'],
       loaded from `encoder_path` (a save_tree directory) through Task.pretrained() when given.
+    With `lora_rank` r > 0 (fine-tuning), the encoder stays frozen (Task.frozen) and low-rank updates
+    W_q + (alpha / r) A_q B_q, W_v + (alpha / r) A_v B_v of every block's query and value projections are
+    trained instead (LoRA; A kaiming-uniform, B zero, so training starts from the pretrained encoder).
     The loss is the mean squared error on targets standardized with `target_stats` = (mean, std) of the
     training split; `predict` returns target units. Batches also hold 'y' (N,) and 'weights'.
     """
 
     def __init__(self, head: HeadConfig, backbone: plm.Backbone, mode: str = "frozen", features: dict | None = None,
-                 encoder_path: str | None = None, target_stats=(0.0, 1.0), tokens_per_example: int = 1):
+                 encoder_path: str | None = None, target_stats=(0.0, 1.0), tokens_per_example: int = 1,
+                 lora_rank: int = 0, lora_alpha: float = 32.0):
         if mode not in MODES:
             raise ValueError(f"mode={mode!r}; expected one of {MODES}")
         if (mode == "frozen") != (features is not None):
@@ -293,6 +297,11 @@ class PPITask:
         if not self.std > 0:
             raise ValueError(f"target_stats={target_stats}; the std must be > 0")
         self.tokens_per_example = tokens_per_example
+        if lora_rank < 0 or (lora_rank and mode != "finetune"):
+            raise ValueError(f"lora_rank={lora_rank}; expected 0, or a positive rank with mode 'finetune'")
+        self.lora_rank, self.lora_scale = int(lora_rank), float(lora_alpha) / max(1, lora_rank)
+        if self.lora_rank:
+            self.frozen = lambda path: path[0] == "encoder"
         if mode == "frozen":
             self._features = features
             self.constants = lambda: self._features
@@ -313,7 +322,8 @@ class PPITask:
             safe = jnp.maximum(idx, 0)
             return dict(chains=f("chain", safe), chain_len=jnp.where(idx >= 0, constants["chain_len"][safe], 0),
                         n_lig=batch["n_lig"], n_rec=batch["n_rec"])
-        enc = lambda t, seg: plm.hidden(self.encoder, params["encoder"], t, seg)
+        enc_params = self._merged(params) if self.lora_rank else params["encoder"]
+        enc = lambda t, seg: plm.hidden(self.encoder, enc_params, t, seg)
         if k in ("ec", "pad"):
             n = batch["lig"].shape[0]
             both = jnp.concatenate([batch["lig"], batch["rec"]])         # one encoder call for both sides
@@ -333,12 +343,37 @@ class PPITask:
             params["encoder"] = self.encoder.init(k_enc, jnp.asarray(tokens[:1]))["params"]
             enc = jax.tree.map(lambda x: getattr(x, "value", x), params["encoder"],
                                is_leaf=lambda x: isinstance(x, nn.Partitioned))
-            inputs = self._inputs({"encoder": enc}, batch, None)
+            if self.lora_rank:
+                params["lora"] = self._lora_init(jax.random.fold_in(k_enc, 1), enc)
+            inputs = self._inputs({"encoder": enc, "lora": params.get("lora")}, batch, None)
         else:
             consts = jax.tree.map(jnp.asarray, self._features)
             inputs = self._inputs(None, batch, consts)
         params["head"] = self.head.init(k_head, **inputs)["params"]
         return params
+
+    def _lora_init(self, rng, enc):
+        r, out = self.lora_rank, {}
+        for i, name in enumerate(sorted(n for n in enc if "attn" in enc[n])):
+            d, _, h, k = enc[name]["attn"]["qkv"]["kernel"].shape
+            bound = 1.0 / math.sqrt(d)  # kaiming-uniform with a = sqrt(5), as PEFT
+            ka, kb = jax.random.split(jax.random.fold_in(rng, i))
+            out[name] = {"q_a": jax.random.uniform(ka, (d, r), jnp.float32, -bound, bound),
+                         "v_a": jax.random.uniform(kb, (d, r), jnp.float32, -bound, bound),
+                         "q_b": jnp.zeros((r, h * k)), "v_b": jnp.zeros((r, h * k))}
+        return out
+
+    def _merged(self, params):
+        """The encoder params with each block's LoRA updates added to its query and value kernels."""
+        enc = dict(params["encoder"])
+        for name, l in params["lora"].items():
+            kernel = jnp.asarray(enc[name]["attn"]["qkv"]["kernel"])
+            d, _, h, k = kernel.shape
+            delta = lambda a, b: (self.lora_scale * (a @ b)).reshape(d, h, k).astype(kernel.dtype)
+            kernel = kernel.at[:, 0].add(delta(l["q_a"], l["q_b"])).at[:, 2].add(delta(l["v_a"], l["v_b"]))
+            attn = dict(enc[name]["attn"], qkv=dict(enc[name]["attn"]["qkv"], kernel=kernel))
+            enc[name] = dict(enc[name], attn=attn)
+        return enc
 
     def standardized(self, params, batch, rng=None, constants=None):
         """(B,) predictions in standardized units; dropout on when rng is given."""

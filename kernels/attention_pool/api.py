@@ -1,5 +1,6 @@
 """Public attention-pooling function: validation, query folding and dispatch."""
 import functools
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -152,6 +153,11 @@ def _resolve(implementation, x, queries, num_segments, segment_ids, block_l):
                                     _tpu_state_too_big(implementation, x, queries,
                                                        num_segments, segment_ids, block_l)):
       implementation = "xla"
+    if implementation == "pallas_gpu" and not _gpu_fits(x, queries, block_l):
+      warnings.warn(f"attention_pool: no pallas_gpu tiling of L={x.shape[1]}, D={x.shape[2]}, "
+                    f"H={queries.shape[0]} ({x.dtype}) fits the register / shared-memory budgets; "
+                    "using the XLA path", stacklevel=3)
+      implementation = "xla"
   if implementation != "xla":
     if x.dtype not in KERNEL_DTYPES:
       raise TypeError(f"{implementation} supports x of dtype float32 or bfloat16, "
@@ -161,16 +167,33 @@ def _resolve(implementation, x, queries, num_segments, segment_ids, block_l):
     if _tpu_state_too_big(implementation, x, queries, num_segments, segment_ids,
                           block_l):
       from . import pallas_tpu
+      s, bl, need = _tpu_vmem(x, queries, num_segments, segment_ids, block_l)
       raise ValueError(f"pallas_tpu keeps (S, H, D) float32 accumulators in VMEM; "
-                       f"S * H * D = {_state(x, queries, num_segments, segment_ids)} "
-                       f"is too large for its {pallas_tpu.VMEM_BUDGET >> 20} MiB "
-                       f"budget, use implementation='xla'")
+                       f"S * H * D = {s * queries.shape[0] * x.shape[2]} (S={s}, "
+                       f"H={queries.shape[0]}, D={x.shape[2]}) needs about "
+                       f"{need / 2**20:.1f} MiB at block_l={bl}, too large for its "
+                       f"{pallas_tpu.VMEM_BUDGET >> 20} MiB budget, use "
+                       f"implementation='xla' (or a smaller block_l)")
+    if implementation == "pallas_gpu":
+      from . import pallas_gpu
+      for kernel in ("forward", "backward"):  # a BudgetError (ValueError) now, not at the gradient
+        pallas_gpu.config(x.shape[1], x.shape[2], queries.shape[0], x.dtype.itemsize, block_l,
+                          kernel=kernel)
   return implementation
 
 
-def _state(x, queries, num_segments, segment_ids):
+def _gpu_fits(x, queries, block_l):
+  from . import pallas_gpu
+  return pallas_gpu.fits(x.shape[1], x.shape[2], queries.shape[0], x.dtype.itemsize, block_l=block_l)
+
+
+def _tpu_vmem(x, queries, num_segments, segment_ids, block_l):
+  """(S, block_l, bytes): the VMEM estimate pallas_tpu budgets and asks for."""
+  from . import pallas_tpu
   s = num_segments or (1 if segment_ids is None else x.shape[1])
-  return s * queries.shape[0] * x.shape[2]
+  H, D, n = queries.shape[0], x.shape[2], x.dtype.itemsize
+  bl = block_l or pallas_tpu.default_block(x.shape[1], s, H, D, n)
+  return s, bl, pallas_tpu.vmem_bytes(bl, s, H, D, n)
 
 
 def _check_block(impl, block_l):
@@ -186,9 +209,8 @@ def _tpu_state_too_big(impl, x, queries, num_segments, segment_ids, block_l):
   if impl != "pallas_tpu":
     return False
   from . import pallas_tpu
-  s = num_segments or (1 if segment_ids is None else x.shape[1])
-  return not pallas_tpu.fits_vmem(x.shape[1], s, queries.shape[0], x.shape[2],
-                                  x.dtype.itemsize, block_l)
+  return _tpu_vmem(x, queries, num_segments, segment_ids, block_l)[2] > \
+      pallas_tpu.VMEM_BUDGET
 
 
 def _fold_queries(x, queries, key_weight, temperature):

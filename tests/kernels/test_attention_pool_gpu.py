@@ -265,3 +265,25 @@ def test_no_segments_gives_zeros():
   dx, dq = pallas_gpu.backward(x, q, st, st, lse, out, lse, interpret=True)
   assert out.shape == (2, 0, 3, 8)
   assert not np.asarray(dx).any() and not np.asarray(dq).any()
+
+
+def test_dispatch_checks_gpu_budgets_before_tracing(monkeypatch):
+  """An explicit pallas_gpu that fits no budget is one clear error at the call; 'auto' on a GPU backend
+  falls back to XLA with a warning."""
+  import warnings
+  from jaxemb.kernels.attention_pool import api
+  x = jnp.zeros((1, 64, 96), jnp.float32)
+  q = jnp.zeros((2, 96), jnp.float32)
+
+  def no_fit(*args, **kwargs):
+    raise pallas_gpu.BudgetError("no D chunk fits (test)")
+
+  monkeypatch.setattr(pallas_gpu, "config", no_fit)
+  with pytest.raises(ValueError, match="no D chunk fits"):
+    api._resolve("pallas_gpu", x, q, None, None, None)
+  monkeypatch.setattr(pallas_gpu, "AVAILABLE", True)
+  monkeypatch.setattr(api.jax, "default_backend", lambda: "gpu")
+  with warnings.catch_warnings(record=True) as w:
+    warnings.simplefilter("always")
+    assert api._resolve("auto", x, q, None, None, None) == "xla"
+  assert any("budgets" in str(m.message) for m in w)

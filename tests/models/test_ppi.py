@@ -254,12 +254,13 @@ def test_bad_head_configs_are_named():
         ppi.batch_arrays({}, "hp", "train")
 
 
-def test_finetuning_an_hp_head_through_the_core_lowers_validation_loss(tmp_path):
-    """Planted signal: the affinity is the fraction of W in the ligand chains."""
+def planted(tmp_path, lora_rank=0, steps=60):
+    """(task, trainer, train, valid) on a planted signal: the affinity is the fraction of W in the ligands."""
     from jaxemb.data import ppi as data
     from jaxemb.data import proteins
     from jaxemb.data.sources import ArraySource
     from jaxemb.models.esm2 import Esm2Config
+    from jaxemb.models.plm import esm2_backbone
     from jaxemb.train import Trainer, core_config
     rng = np.random.default_rng(0)
     letters = np.array(list("ACDEFGHIKLMNPQRSTVWY"))
@@ -277,19 +278,39 @@ def test_finetuning_an_hp_head_through_the_core_lowers_validation_loss(tmp_path)
     enc = Esm2Config(vocab_size=len(proteins.ALPHABET), d_model=16, num_layers=1, num_heads=2, mlp_dim=32,
                      token_dropout=False)
     y = arrays["y"]
-    from jaxemb.models.plm import esm2_backbone
     task = ppi.PPITask(ppi.HeadConfig(kind="hp", max_chains=3), esm2_backbone(enc), "finetune",
-                       target_stats=(y[:160].mean(), y[:160].std()))
+                       target_stats=(y[:160].mean(), y[:160].std()), lora_rank=lora_rank, lora_alpha=8.0)
     cfg = core_config()
-    cfg.train.update(steps=60, batch_size=16, eval_every=20, eval_batches=2, checkpoint_every=60, progress=False)
+    cfg.train.update(steps=steps, batch_size=16, eval_every=steps // 3, eval_batches=2, checkpoint_every=steps,
+                     progress=False)
     cfg.optim.update(lr=3e-3, warmup_steps=5)
     take = lambda s: {k: v[s] for k, v in arrays.items()}
     train = ArraySource(take(slice(0, 160)), 16, shuffle=True, drop_last=True)
     valid = ArraySource(take(slice(160, None)), 16)
-    trainer = Trainer(task, cfg, str(tmp_path))
+    return task, Trainer(task, cfg, str(tmp_path)), train, valid
+
+
+def test_finetuning_an_hp_head_through_the_core_lowers_validation_loss(tmp_path):
+    task, trainer, train, valid = planted(tmp_path)
     first = trainer.evaluate(trainer.init_state(trainer.put_batch(train, 0))["params"], valid, 2)["loss"]
     res = trainer.fit(train, valid)
     assert res.eval_metrics["loss"] < 0.6 * first, (first, res.eval_metrics)
+
+
+def test_lora_trains_only_the_low_rank_updates_and_starts_from_the_encoder(tmp_path):
+    task, trainer, train, valid = planted(tmp_path, lora_rank=4, steps=30)
+    state = trainer.init_state(trainer.put_batch(train, 0))
+    p0 = jax.device_get(state["params"])
+    batch = jax.tree.map(jnp.asarray, train.get(0))
+    base = dict(p0, lora=jax.tree.map(jnp.zeros_like, p0["lora"]))
+    np.testing.assert_allclose(task.predict(p0, batch), task.predict(base, batch), rtol=1e-6)  # B = 0
+    assert np.asarray(p0["lora"]["block_0"]["q_a"]).std() > 0
+    p1 = jax.device_get(trainer.fit(train, valid).state["params"])
+    for a, b in zip(jax.tree.leaves(p0["encoder"]), jax.tree.leaves(p1["encoder"])):
+        np.testing.assert_array_equal(a, b)
+    assert np.abs(p1["lora"]["block_0"]["v_b"]).max() > 0 and np.abs(p1["lora"]["block_0"]["q_b"]).max() > 0
+    with pytest.raises(ValueError, match="lora_rank=4"):
+        ppi.PPITask(task.cfg, task.backbone, "frozen", features={}, lora_rank=4)
 
 
 def test_convbert_heads_keep_padding_and_packed_chains_apart():
