@@ -1,12 +1,10 @@
 import json
 import os
-import subprocess
-import sys
 
 from experiments import glyph
 from jaxemb.data.unicode_tokenizer import UnicodeTokenizer
+from cli_check import assert_usage_error
 
-ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 LINES = ["the quick brown fox jumps over the lazy dog {i}", "Съешь же ещё этих мягких булок {i}",
          "Γαζέες καὶ μυρτιὲς δὲν θὰ βρῶ {i}", "天地玄黃 宇宙洪荒 {i}", "O0 l1I| oO0 {i}"]
 
@@ -38,8 +36,6 @@ def test_study_trains_three_embeddings_and_writes_results(tmp_path, capsys):
 
 
 def test_cli_missing_font_is_one_clear_line(tmp_path):
-    p = subprocess.run([sys.executable, "-m", "experiments.glyph", "--config", "tiny", "--workdir",
-                        str(tmp_path / "w"), "--font", str(tmp_path / "missing.ttf")], cwd=ROOT,
-                       capture_output=True, text=True, timeout=300, env=dict(os.environ, JAX_NUM_CPU_DEVICES="1"))
-    assert p.returncode == 2, p.stderr[-2000:]
-    assert "missing.ttf" in p.stderr and "apt-get install unifont" in p.stderr and "Traceback" not in p.stderr
+    assert_usage_error("experiments.glyph", ["--config", "tiny", "--workdir", str(tmp_path / "w"), "--font",
+                                             str(tmp_path / "missing.ttf")], "missing.ttf", "apt-get install unifont",
+                       one_line=False)

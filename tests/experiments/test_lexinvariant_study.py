@@ -1,15 +1,12 @@
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
 from experiments import lexinvariant
 from experiments.configs.lexinvariant import get_config
 from jaxemb.config import apply_overrides
+from cli_check import assert_usage_error
 
-ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 
 
 def test_study_writes_table_results_and_plot(tmp_path, capsys):
@@ -44,11 +41,7 @@ def test_cli_reports_bad_input_in_one_line(tmp_path):
     for args, msg in [(["--data", str(empty)], "holds no non-empty text files"),
                       (["train.stepz=2", "--data", "pydoc"], "unknown config key"),  # overrides and options mix
                       (["data.seq_len=1"], "sequence length must be >= 2")]:
-        p = subprocess.run([sys.executable, "-m", "experiments.lexinvariant", "--config", "tiny",
-                            "--workdir", str(tmp_path / "w"), *args], cwd=ROOT, capture_output=True, text=True,
-                           timeout=300, env=dict(os.environ, JAX_NUM_CPU_DEVICES="1"))
-        assert p.returncode == 2, p.stderr[-2000:]
-        assert msg in p.stderr and "Traceback" not in p.stderr
+        assert_usage_error("experiments.lexinvariant", ["--config", "tiny", "--workdir", str(tmp_path / "w"), *args], msg, one_line=False)
 
 
 def test_paper_config_is_150m_parameters():

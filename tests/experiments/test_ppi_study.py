@@ -1,12 +1,12 @@
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 
 from experiments import ppi as study
+from cli_check import assert_usage_error
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 VARIANTS = "convbert:hp,convbert:pad,finetune:ec,finetune:sc,finetune:hp"
@@ -39,11 +39,7 @@ def test_bad_variants_and_data_are_one_line_errors(tmp_path):
     bad.write_text("PDB,Ligand Sequences,Receptor Sequences,KD(M)\nX1,AC,DE,-1\n")
     for args, msg in [(["study.variants=frozen:hp"], "study.variants entry 'frozen:hp'"),
                       (["--data", str(bad), "data.split="], "KD=-1.0 must be > 0")]:
-        p = subprocess.run([sys.executable, "-m", "experiments.ppi", "--config", "tiny",
-                            "--workdir", str(tmp_path / "w"), *args], cwd=ROOT, capture_output=True, text=True,
-                           timeout=300, env=dict(os.environ, JAX_NUM_CPU_DEVICES="1"))
-        assert p.returncode == 2, p.stderr[-2000:]
-        assert msg in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr[-2000:]
+        assert_usage_error("experiments.ppi", ["--config", "tiny", "--workdir", str(tmp_path / "w"), *args], msg)
 
 
 def test_paper_config_is_the_reference_recipe():

@@ -1,13 +1,10 @@
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 
 from experiments import protein_mlm
+from cli_check import assert_usage_error
 
-ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 
 
 def write_fasta(path, n=120, seed=0):
@@ -43,8 +40,4 @@ def test_cli_reports_bad_input_in_one_line(tmp_path):
     bad.write_text("MKTAYI\n")
     for args, msg in [(["--data", str(bad)], "before any '>' header"),
                       (["--data", str(tmp_path / "missing.fasta")], "No such file")]:
-        p = subprocess.run([sys.executable, "-m", "experiments.protein_mlm", "--config", "tiny",
-                            "--workdir", str(tmp_path / "w"), *args], cwd=ROOT, capture_output=True, text=True,
-                           timeout=300, env=dict(os.environ, JAX_NUM_CPU_DEVICES="1"))
-        assert p.returncode == 2, p.stderr[-2000:]
-        assert msg in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr[-2000:]
+        assert_usage_error("experiments.protein_mlm", ["--config", "tiny", "--workdir", str(tmp_path / "w"), *args], msg)
