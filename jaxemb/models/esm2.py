@@ -48,6 +48,7 @@ class Esm2Config:
     rope_inv_freq: tuple = ()  # () = base 10000
     dtype: str = "float32"
     remat: bool = False
+    attention_chunk: int = 0  # queries per attention chunk (TransformerConfig.attention_chunk); 0 = whole
 
     def __post_init__(self):
         if self.d_model % self.num_heads:
@@ -62,7 +63,8 @@ class Esm2Config:
             vocab_size=self.vocab_size, d_model=self.d_model, num_layers=self.num_layers,
             num_heads=self.num_heads, head_dim=self.head_dim, mlp_dim=self.mlp_dim, position="rope",
             causal=False, use_bias=True, mlp_activation="gelu_erf", norm_eps=self.norm_eps, final_norm=True,
-            rope_inv_freq=tuple(self.rope_inv_freq), dtype=self.dtype, remat=self.remat)
+            rope_inv_freq=tuple(self.rope_inv_freq), dtype=self.dtype, remat=self.remat,
+            attention_chunk=self.attention_chunk)
 
 
 class EsmEmbedding(nn.Module):

@@ -51,6 +51,7 @@ class T5EncoderConfig:
     feed_forward_proj: str = "relu"  # one of FEED_FORWARD
     dtype: str = "float32"
     remat: bool = False
+    attention_chunk: int = 0  # queries per attention chunk (TransformerConfig.attention_chunk); 0 = whole
 
     def __post_init__(self):
         if self.feed_forward_proj not in FEED_FORWARD:
@@ -63,7 +64,8 @@ class T5EncoderConfig:
             num_heads=self.num_heads, head_dim=self.d_kv, mlp_dim=self.d_ff, position="t5",
             rel_buckets=self.rel_buckets, rel_max_distance=self.rel_max_distance, causal=False,
             use_bias=False, norm="rms", attn_scale=False, mlp_activation=act, mlp_gated=gated,
-            norm_eps=self.norm_eps, final_norm=True, dtype=self.dtype, remat=self.remat)
+            norm_eps=self.norm_eps, final_norm=True, dtype=self.dtype, remat=self.remat,
+            attention_chunk=self.attention_chunk)
 
 
 def t5_encoder(cfg: T5EncoderConfig) -> Transformer:

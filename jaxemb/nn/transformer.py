@@ -61,6 +61,10 @@ class TransformerConfig:
     norm: str = "layer"           # 'layer' (LayerNorm) | 'rms' (T5's: no mean subtraction, no bias)
     attn_scale: bool = True       # scale queries by head_dim^-0.5 (T5 folds it into its init: False)
     mlp_gated: bool = False       # act(x wi) * (x wi_linear) (T5's gated-GELU) instead of act(x wi)
+    # queries per attention chunk (see chunked_attention): the (L, L) scores exist one chunk of rows at a
+    # time, forward and backward (recomputed per chunk), so attention memory is O(chunk x L), not O(L^2);
+    # 0 = whole length. Exact; used where the length exceeds the chunk.
+    attention_chunk: int = 0
 
     def __post_init__(self):
         if self.position not in ("rope", "t5", "none"):
@@ -79,6 +83,9 @@ class TransformerConfig:
                              f"{self.head_dim // 2}")
         if self.norm not in ("layer", "rms"):
             raise ValueError(f"norm={self.norm!r}; expected 'layer' or 'rms'")
+        if self.attention_chunk < 0:
+            raise ValueError(f"attention_chunk={self.attention_chunk}; expected 0 (whole length) or a positive "
+                             "number of queries")
         if not self.norm_eps > 0:
             raise ValueError(f"norm_eps={self.norm_eps}; expected a positive number")
 
@@ -191,9 +198,13 @@ class Attention(nn.Module):
         if paths.qkv_barrier:
             # keeps XLA:CPU from fusing the transposes and RoPE into the attention matmuls' operand copies
             q, k, v = jax.lax.optimization_barrier((q, k, v))
-        blocks = query_block_count(c, q.shape[2], paths)
-        out = masked_attention(q * c.head_dim ** -0.5 if c.attn_scale else q, k, v, mask, bias, blocks,
-                               paths.shared_bias_vjp).transpose(0, 2, 1, 3)
+        q = q * c.head_dim ** -0.5 if c.attn_scale else q
+        if c.attention_chunk and q.shape[2] > c.attention_chunk:
+            out = chunked_attention(q, k, v, mask, bias, c.attention_chunk, paths.shared_bias_vjp)
+        else:
+            out = masked_attention(q, k, v, mask, bias, query_block_count(c, q.shape[2], paths),
+                                   paths.shared_bias_vjp)
+        out = out.transpose(0, 2, 1, 3)
         out = _constrain(out, ("batch", "length", "heads", "kv"))
         return _dense(c.d_model, ("heads", "kv", "embed"), in_axis_count=2, name="out", cfg=c)(out)
 
@@ -219,18 +230,44 @@ def masked_attention(q, k, v, mask, bias=None, blocks: int = 1, shared_bias_vjp:
     """
     length = q.shape[2]
     bounds = [round(length * i / blocks) for i in range(blocks + 1)]
-    outs = []
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
-        if hi == lo:
-            continue
-        scores = jnp.einsum("bhqd,bhkd->bhqk", q[:, :, lo:hi], k[:, :, :hi])
-        scores = scores.astype(jnp.promote_types(scores.dtype, jnp.float32))  # bf16 in, fp32 softmax
-        if bias is not None:
-            b = bias[:, :, lo:hi, :hi].astype(scores.dtype)
-            scores = add_shared_bias(scores, b) if shared_bias_vjp and b.shape[0] == 1 else scores + b
-        probs = masked_softmax(scores, mask[:, :, lo:hi, :hi]).astype(v.dtype)
-        outs.append(jnp.einsum("bhqk,bhkd->bhqd", probs, v[:, :, :hi]))
+    outs = [_attend(q[:, :, lo:hi], k[:, :, :hi], v[:, :, :hi], mask[:, :, lo:hi, :hi],
+                    None if bias is None else bias[:, :, lo:hi, :hi], shared_bias_vjp)
+            for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
     return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=2)
+
+
+def _attend(q, k, v, mask, bias, shared_bias_vjp):
+    """softmax(q k^T + bias, where mask) v for Q queries (B, H, Q, D) and K keys; mask (B|1, 1, Q, K)."""
+    scores = jnp.einsum("bhqd,bhkd->bhqk", q, k)
+    scores = scores.astype(jnp.promote_types(scores.dtype, jnp.float32))  # bf16 in, fp32 softmax
+    if bias is not None:
+        b = bias.astype(scores.dtype)
+        scores = add_shared_bias(scores, b) if shared_bias_vjp and b.shape[0] == 1 else scores + b
+    probs = masked_softmax(scores, mask).astype(v.dtype)
+    return jnp.einsum("bhqk,bhkd->bhqd", probs, v)
+
+
+def chunked_attention(q, k, v, mask, bias=None, chunk: int = 256, shared_bias_vjp: bool = False):
+    """masked_attention(q, k, v, mask, bias) computed `chunk` queries at a time under jax.checkpoint: only
+    one chunk's (chunk, L) scores and probabilities are alive, in the forward and in the backward (which
+    recomputes them), instead of the whole (L, L) per layer. The queries are zero-padded to whole chunks
+    with all-False mask rows, which give zero outputs and are sliced off. Same values as the plain path up
+    to float rounding (each row's softmax is the same computation); one chunk's work per loop step."""
+    B, H, L, D = q.shape
+    n = -(-L // chunk)
+    pad = n * chunk - L
+
+    def split(a):  # (b, h, L, ...) -> (n, b, h, chunk, ...): query rows in chunks
+        a = jnp.pad(a, [(0, 0), (0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 3))
+        return jnp.moveaxis(a.reshape(a.shape[:2] + (n, chunk) + a.shape[3:]), 2, 0)
+
+    @jax.checkpoint
+    def one(args):
+        qc, mc, bc = args
+        return _attend(qc, k, v, mc, bc, shared_bias_vjp)
+
+    out = jax.lax.map(one, (split(q), split(mask), None if bias is None else split(bias)))
+    return jnp.moveaxis(out, 0, 2).reshape(B, H, n * chunk, D)[:, :, :L]
 
 
 @jax.custom_vjp
