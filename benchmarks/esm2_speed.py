@@ -72,15 +72,17 @@ def torch_model(shape: Shape, seed: int = 0):
 
 # ---------------------------------------------------------------- the two frameworks, one step each
 
-def jax_steps(path: str, ids: np.ndarray):
+def jax_steps(path: str, ids: np.ndarray, attention_chunk: int = 0):
     """{'fwd': f, 'fwd+bwd': g} for jaxemb's ESM2 loaded from the checkpoint at `path`; each runs one
-    step to completion and returns its outputs (last hidden state; loss and gradients)."""
+    step to completion and returns its outputs (last hidden state; loss and gradients). attention_chunk:
+    queries per attention chunk (Esm2Config.attention_chunk; 0 = the whole (L, L) scores)."""
+    import dataclasses
     import jax
     import jax.numpy as jnp
     from jaxemb.models import esm2 as E
     from jaxemb.train.constants import unbox
     cfg, params = E.load_pretrained(path)
-    model = E.esm2(cfg)
+    model = E.esm2(dataclasses.replace(cfg, attention_chunk=attention_chunk))
     params = jax.device_put(unbox(params))
     ids_j, mask_j = jnp.asarray(ids), jnp.ones(ids.shape, jnp.int32)
 
@@ -205,13 +207,14 @@ def step_peak(step) -> int:
     return peak_rss()
 
 
-def memory_child(framework: str, mode: str, path: str, batch: int, seq: int, threads: int = 0) -> dict:
+def memory_child(framework: str, mode: str, path: str, batch: int, seq: int, threads: int = 0,
+                 chunk: int = 0) -> dict:
     """In this process: load the checkpoint at `path` in one framework, run one `mode` step (warm-up),
     then another; the loaded RSS, the process peak and the peak of the second step, in bytes. `threads`:
-    PyTorch's intra-op threads (0: one per core)."""
+    PyTorch's intra-op threads (0: one per core); chunk: jaxemb's attention chunk."""
     ids = tokens(batch, seq)
     if framework == "jax":
-        steps = jax_steps(path, ids)
+        steps = jax_steps(path, ids, chunk)
     else:
         import torch
         import transformers
@@ -221,20 +224,22 @@ def memory_child(framework: str, mode: str, path: str, batch: int, seq: int, thr
     steps[mode]()
     before = peak_rss()  # before step_peak resets it
     step = step_peak(steps[mode])
-    return {"framework": framework, "mode": mode, "batch": batch, "seq": seq, "loaded_bytes": loaded,
+    return {"framework": framework, "mode": mode, "batch": batch, "seq": seq, "chunk": chunk, "loaded_bytes": loaded,
             "process_peak_bytes": max(before, step), "step_peak_bytes": step}
 
 
-def measure_memory(shape: Shape, modes=("fwd", "fwd+bwd"), onednn: str = "default", threads: int = 0) -> list:
-    """memory_child rows for jax and torch at `shape` (batch x seq), each in its own `python -m` process."""
+def measure_memory(shape: Shape, modes=("fwd", "fwd+bwd"), onednn: str = "default", threads: int = 0,
+                   chunks=(0,)) -> list:
+    """memory_child rows for torch and for jax at each attention chunk, at `shape` (batch x seq), each in
+    its own `python -m` process."""
     path = tempfile.mkdtemp(prefix="jaxemb-esm2-mem-")
     rows = []
     try:
         torch_model(shape).save_pretrained(path)
         for mode in modes:
-            for fw in ("jax", "torch"):
+            for fw, chunk in [("jax", c) for c in chunks] + [("torch", 0)]:
                 cmd = [sys.executable, "-m", "benchmarks.esm2_speed", "--onednn", onednn, "--memory-child",
-                       fw, mode, path, str(shape.batch), str(shape.seq), str(threads)]
+                       fw, mode, path, str(shape.batch), str(shape.seq), str(threads), str(chunk)]
                 res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
                 if res.returncode:
                     raise RuntimeError(f"memory run {fw} {mode} at {shape.batch}x{shape.seq} failed "
@@ -276,14 +281,14 @@ def speed_table(rows: list) -> str:
 
 def memory_table(rows: list) -> str:
     gib = lambda b: f"{b / 2 ** 30:.2f}"
-    by = {(r["mode"], r["framework"]): r for r in rows}
-    lines = ["| shape | batch x L | pass | jaxemb step peak above loaded GiB | PyTorch step peak above loaded GiB "
-             "| jaxemb / PyTorch step peak GiB | jaxemb / PyTorch process peak GiB | jaxemb / PyTorch loaded GiB |",
-             "|" + "---|" * 8]
-    for mode in dict.fromkeys(r["mode"] for r in rows):
-        j, t = by[(mode, "jax")], by[(mode, "torch")]
-        pair = lambda key: f"{gib(j[key])} / {gib(t[key])}"
-        lines.append(f"| {j['shape']} | {j['batch']}x{j['seq']} | {mode} | "
+    torch_row = {r["mode"]: r for r in rows if r["framework"] == "torch"}
+    lines = ["| shape | batch x L | pass | jaxemb attention chunk | jaxemb step peak above loaded GiB "
+             "| PyTorch step peak above loaded GiB | jaxemb / PyTorch step peak GiB "
+             "| jaxemb / PyTorch process peak GiB | jaxemb / PyTorch loaded GiB |", "|" + "---|" * 9]
+    for j in (r for r in rows if r["framework"] == "jax"):
+        t = torch_row[j["mode"]]
+        pair = lambda key: f"{gib(j[key])} / {gib(t[key])}"  # noqa: E731
+        lines.append(f"| {j['shape']} | {j['batch']}x{j['seq']} | {j['mode']} | {j.get('chunk', 0) or 'whole L'} | "
                      f"{gib(j['step_peak_bytes'] - j['loaded_bytes'])} | "
                      f"{gib(t['step_peak_bytes'] - t['loaded_bytes'])} | {pair('step_peak_bytes')} | "
                      f"{pair('process_peak_bytes')} | {pair('loaded_bytes')} |")
@@ -310,7 +315,7 @@ def report(rows: list, mem_rows: list, info: dict, args) -> str:
            f"average (1 min) at start / end: {info['load'][0]:.1f} / {info['load'][1]:.1f}.",
            "", speed_table(rows)]
     if mem_rows:
-        out += ["", f"Peak resident memory, each framework and pass in its own process (L includes <cls>/<eos>). "
+        out += ["", "Peak resident memory, each framework and pass in its own process (L includes <cls>/<eos>). "
                     "step peak: during one step after a warm-up step (VmHWM reset via /proc/self/clear_refs), "
                     "weights and interpreter included; process peak: VmHWM over loading, warm-up (JAX: "
                     "compilation) and the step; loaded: RSS with the model and inputs in memory, before any step "
@@ -353,6 +358,8 @@ def main(argv=None):
     p.add_argument("--mem-seq", type=int, default=2000, help="tokens per row of the peak-memory runs")
     p.add_argument("--mem-modes", default="fwd,fwd+bwd")
     p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--mem-attention-chunks", default="0,256",
+                   help="jaxemb attention chunks of the memory runs, comma-separated (0: whole length)")
     p.add_argument("--torch-threads", default=f"{os.cpu_count()},1",
                    help="PyTorch intra-op thread counts timed, comma-separated (default: one per core, and 1)")
     p.add_argument("--big-torch-threads", default=str(os.cpu_count()),
@@ -365,19 +372,27 @@ def main(argv=None):
     p.add_argument("--note", default="", help="also write the markdown section to this file")
     p.add_argument("--onednn", choices=ONEDNN_MODES[:3], default="default",
                    help="XLA:CPU oneDNN switch (--xla_cpu_use_onednn)")
-    p.add_argument("--memory-child", nargs=6, metavar=("FRAMEWORK", "MODE", "CKPT", "BATCH", "SEQ", "THREADS"),
+    p.add_argument("--memory-child", nargs=7,
+                   metavar=("FRAMEWORK", "MODE", "CKPT", "BATCH", "SEQ", "THREADS", "CHUNK"),
                    help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     set_onednn(args.onednn)
     if args.memory_child:
-        fw, mode, path, batch, seq, threads = args.memory_child
-        print(json.dumps(memory_child(fw, mode, path, int(batch), int(seq), int(threads))), flush=True)
+        fw, mode, path, batch, seq, threads, chunk = args.memory_child
+        print(json.dumps(memory_child(fw, mode, path, int(batch), int(seq), int(threads), int(chunk))), flush=True)
         return
     if args.quick:
         args.shapes, args.batch, args.seq, args.reps, args.mem_seq = "t6_8M", 2, 128, 3, 512
     modes = tuple(args.mem_modes.split(","))
     if not set(modes) <= {"fwd", "fwd+bwd"}:
         raise ValueError(f"--mem-modes={args.mem_modes!r}; expected fwd, fwd+bwd or both, comma-separated")
+    try:
+        chunks = tuple(int(c) for c in args.mem_attention_chunks.split(","))
+    except ValueError:
+        chunks = (-1,)
+    if min(chunks) < 0:
+        raise ValueError(f"--mem-attention-chunks={args.mem_attention_chunks!r}; expected non-negative integers, "
+                         "comma-separated")
     shapes = shapes_from(args)
     threads = {"t6_8M": thread_counts(args.torch_threads, "--torch-threads"),
                "t33_650M": thread_counts(args.big_torch_threads, "--big-torch-threads")}
@@ -396,7 +411,7 @@ def main(argv=None):
     mem_rows = []
     if not args.no_memory:
         mem = Shape("t6_8M", **ARCH["t6_8M"], batch=args.mem_batch, seq=args.mem_seq)
-        mem_rows = measure_memory(mem, modes, args.onednn, args.mem_torch_threads)
+        mem_rows = measure_memory(mem, modes, args.onednn, args.mem_torch_threads, chunks)
     info = {"host": host(), "versions": versions(), "attn": attn, "load": (load_start, os.getloadavg()[0]),
             "argv": list(sys.argv[1:] if argv is None else argv)}
     text = report(rows, mem_rows, info, args)

