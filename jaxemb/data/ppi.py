@@ -261,24 +261,6 @@ def bucket_batches(lengths, batch_size: int, seed: int | None = 0) -> list[np.nd
     return batches
 
 
-def complex_length(c: Complex, max_length: int | None = None) -> int:
-    """Tokens of a complex with each chain framed `<cls> chain <eos>` (and cut to `max_length`)."""
-    return sum(min(len(s) + 2, max_length or len(s) + 2) for s in c.ligands + c.receptors)
-
-
-def tokenize_side(complexes, side: str, max_length: int = 1026, pad_to: int | None = None):
-    """ESM tokens of every chain of one side ("ligands" or "receptors"), each `<cls> chain <eos>` cut to
-    `max_length` keeping its <eos> (proteins.tokenize), and the owning complex of each chain row."""
-    if side not in ("ligands", "receptors"):
-        raise ValueError(f"side={side!r}; expected 'ligands' or 'receptors'")
-    chains, owner = [], []
-    for k, c in enumerate(complexes):
-        for s in getattr(c, side):
-            chains.append(s)
-            owner.append(k)
-    return proteins.tokenize(chains, max_length=max_length, pad_to=pad_to), np.array(owner, np.int64)
-
-
 # ---------------------------------------------------------------- no-PLM baseline
 
 _AA = "ACDEFGHIKLMNPQRSTVWY"

@@ -126,11 +126,9 @@ def test_bucket_batches_and_tokens_keep_eos():
     assert sorted(np.concatenate(b).tolist()) == list(range(37)) and [len(x) for x in b].count(8) == 4
     spans = [np.ptp(lengths[x]) for x in ppi.bucket_batches(lengths, 8, seed=None)]
     assert sum(spans) < np.ptp(lengths) * 1.5  # sorted chunks: similar lengths per batch
-    c = ppi.Complex("X", ("ACDEFGHIK", "AC"), ("MKV",), 1e-9, 9.0, 2)
-    t, owner = ppi.tokenize_side([c, c], "ligands", max_length=6)
-    assert t.ids.shape == (4, 6) and owner.tolist() == [0, 0, 1, 1] and t.truncated == 2
+    t = P.tokenize(["ACDEFGHIK", "AC"] * 2, max_length=6)
+    assert t.ids.shape == (4, 6) and t.truncated == 2
     assert (t.ids[:, 0] == P.CLS).all() and t.ids[0, -1] == P.EOS and t.ids[1, 3] == P.EOS
-    assert ppi.complex_length(c) == 11 + 4 + 5 and ppi.complex_length(c, 6) == 6 + 4 + 5
 
 
 def test_metrics_match_scipy():
