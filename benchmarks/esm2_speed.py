@@ -324,13 +324,14 @@ def report(rows: list, mem_rows: list, info: dict, args) -> str:
     return "\n".join(out) + "\n"
 
 
-def thread_counts(text: str, flag: str) -> tuple:
+def int_list(text: str, flag: str, what: str = "thread counts", minimum: int = 1) -> tuple:
+    """The comma-separated integers of a flag's value, each at least `minimum`."""
     try:
         out = tuple(int(n) for n in text.split(",") if n.strip())
     except ValueError:
-        raise ValueError(f"{flag}={text!r}; expected comma-separated thread counts") from None
-    if not out or min(out) < 1:
-        raise ValueError(f"{flag}={text!r}; expected one or more thread counts, each at least 1")
+        raise ValueError(f"{flag}={text!r}; expected comma-separated {what}") from None
+    if not out or min(out) < minimum:
+        raise ValueError(f"{flag}={text!r}; expected one or more {what}, each at least {minimum}")
     return out
 
 
@@ -386,16 +387,10 @@ def main(argv=None):
     modes = tuple(args.mem_modes.split(","))
     if not set(modes) <= {"fwd", "fwd+bwd"}:
         raise ValueError(f"--mem-modes={args.mem_modes!r}; expected fwd, fwd+bwd or both, comma-separated")
-    try:
-        chunks = tuple(int(c) for c in args.mem_attention_chunks.split(","))
-    except ValueError:
-        chunks = (-1,)
-    if min(chunks) < 0:
-        raise ValueError(f"--mem-attention-chunks={args.mem_attention_chunks!r}; expected non-negative integers, "
-                         "comma-separated")
+    chunks = int_list(args.mem_attention_chunks, "--mem-attention-chunks", "attention chunks", minimum=0)
     shapes = shapes_from(args)
-    threads = {"t6_8M": thread_counts(args.torch_threads, "--torch-threads"),
-               "t33_650M": thread_counts(args.big_torch_threads, "--big-torch-threads")}
+    threads = {"t6_8M": int_list(args.torch_threads, "--torch-threads"),
+               "t33_650M": int_list(args.big_torch_threads, "--big-torch-threads")}
     load_start = os.getloadavg()[0]
     rows = []
     attn = "?"
