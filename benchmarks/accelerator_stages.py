@@ -32,7 +32,9 @@ PRESETS = {
                    dict(name="NaN padding", kind="lengths", shape=(4, 1000, 256, 8), nan=True)],
             bandwidth=dict(shapes=[(8, 4096, 1024, 8), (2, 32768, 1024, 16)], dtypes=("bfloat16",), iters=50,
                            repeats=3),
-            sweep=dict(shape=(8, 4096, 1024, 8), dtype="bfloat16", grid=None, iters=50, repeats=3)),
+            sweep=dict(shape=(8, 4096, 1024, 8), dtype="bfloat16", grid=None, iters=50, repeats=3),
+            # the Mosaic GPU forward beside Triton (runs on a GPU backend only; see kernel_mosaic)
+            mosaic=dict(preset="gpu", iters=50, repeats=3)),
         "bench": dict(preset="gpu", max_len=32768, dtypes=("bfloat16", "float32"), iters=20,
                       fallback=[(8, 4096, 1024, 8), (32, 4096, 1024, 8), (4, 16384, 1024, 16),
                                 (64, 1024, 768, 12), (2, 32768, 1280, 16)]),
@@ -279,9 +281,69 @@ def kernel_sweep(p, deadline, out, flush):
              on_row=saved)
 
 
+def kernel_mosaic(p, deadline, out, flush):
+    """The Mosaic GPU forward (implementation="mosaic_gpu", bf16) at the bench presets: compile seconds, max
+    error against the fp32 XLA forward for lengths [L, 1, odd, 0] (pass/FAIL at the bf16 forward tolerance),
+    then looped per-call time at full lengths beside the Triton forward. Rows go to out["mosaic"], one line each
+    to out["notes"] (the markdown shows those); every failure is that row's error."""
+    import jax
+    import jax.numpy as jnp
+    from jaxemb.kernels import bench as kb
+    m = p["mosaic"]
+    mosaic = kb._functions("mosaic_gpu", False)[0]
+    triton = kb._functions(p["impl"], False)[0]
+    ref = kb._functions("xla", False)[0]
+    for i, (B, L, D, H) in enumerate(kb.PRESETS[m["preset"]]):
+        row = dict(B=B, L=L, D=D, H=H, dtype="bfloat16")
+        out["mosaic"].append(row)
+        if time.time() > deadline:
+            row["status"] = "skipped (time budget)"
+            continue
+        try:
+            rng = np.random.default_rng(i)
+            x = jnp.asarray(rng.normal(size=(B, L, D)), jnp.bfloat16)
+            q = jnp.asarray(rng.normal(size=(H, D)) / np.sqrt(D), jnp.float32)
+            pattern = [L, 1, (L // 2) | 1, 0]
+            lengths = jnp.asarray([pattern[b % 4] for b in range(B)], jnp.int32)
+            t = time.perf_counter()
+            jax.jit(mosaic).lower(x, q, lengths).compile()
+            row["compile_s"] = time.perf_counter() - t
+            got = jax.jit(mosaic)(x, q, lengths)
+            want = jax.jit(ref)(x.astype(jnp.float32), q, lengths)
+            row["fwd_max_err"], row["fwd_tol_ratio"] = tolerance_ratio(got, want, TOLERANCE["bfloat16"]["fwd"])
+            row["status"] = "pass" if row["fwd_tol_ratio"] <= 1 else "FAIL"
+            full = jnp.full((B,), L, jnp.int32)
+            copies = kb.copies_for(B * L * D * 2)
+            for name, fn in (("mosaic", mosaic), ("triton", triton)):
+                try:  # a Triton failure keeps the Mosaic time
+                    sec, _ = kb.per_call_s(fn, (x, q, full), m["iters"], m["repeats"], copies)
+                    row[f"{name}_ms"] = 1e3 * sec
+                    row[f"{name}_gbps"] = kb.bytes_moved([L] * B, L, D, H, 2, "fwd") / sec / 1e9
+                except Exception as e:
+                    row[f"{name}_error"] = _error(e)
+        except Exception as e:  # keep the other shapes
+            row.update(status="error", error=_error(e))
+        out["notes"].append(
+            f"mosaic_gpu fwd ({B}, {L}, {D}, {H}) bf16: {row['status']}"
+            + (f" ({row['error']})" if row.get("error") else "")
+            + "".join(f", {k} {row[k]:.4g}" for k in ("compile_s", "fwd_max_err", "mosaic_ms", "triton_ms",
+                                                       "mosaic_gbps", "triton_gbps") if row.get(k) is not None)
+            + "".join(f", {k}: {row[k]}" for k in ("mosaic_error", "triton_error") if row.get(k)))
+        flush()
+
+
 # The kernels stage's steps in order, each with its part of the stage time left when it starts.
 KERNEL_STEPS = (("compile", kernel_compile, 0.2), ("cases", kernel_cases, 0.35),
                 ("bandwidth", kernel_bandwidth, 0.5), ("sweep", kernel_sweep, 1.0))
+# Run before the sweep (the sweep takes what is left) where p["mosaic"] is set and the backend is a GPU.
+MOSAIC_STEP = ("mosaic_gpu", kernel_mosaic, 0.3)
+
+
+def kernel_steps(p, backend):
+    """KERNEL_STEPS, plus MOSAIC_STEP before the sweep on a GPU when the preset asks for it."""
+    if not p.get("mosaic") or backend not in ("gpu", "cuda"):
+        return KERNEL_STEPS
+    return KERNEL_STEPS[:-1] + (MOSAIC_STEP,) + KERNEL_STEPS[-1:]
 
 
 def kernels(p, deadline, out, flush):
@@ -289,8 +351,8 @@ def kernels(p, deadline, out, flush):
     from jaxemb.kernels import bench as kb
     out.update(implementation=p["impl"], interpret=p["interpret"], tolerance=TOLERANCE,
                peak_gbps=kb.peak_gbps(jax.devices()[0]), steps={}, compile=[], cases=[], bandwidth=[],
-               sweep=[], notes=[])
-    for name, step, part in KERNEL_STEPS:  # one failing step loses nothing of the others
+               sweep=[], notes=[], mosaic=[])
+    for name, step, part in kernel_steps(p, jax.default_backend()):  # a failing step loses nothing else
         t = time.time()
         try:
             step(p, t + part * max(0.0, deadline - t), out, flush)

@@ -8,7 +8,7 @@ import numpy as np
 
 from . import reference, vjp
 
-IMPLEMENTATIONS = ("auto", "xla", "pallas_tpu", "pallas_gpu")
+IMPLEMENTATIONS = ("auto", "xla", "pallas_tpu", "pallas_gpu", "mosaic_gpu")
 KERNEL_DTYPES = (jnp.float32, jnp.bfloat16)
 # Smallest accepted temperature: the smallest normal float32. Below it 1/t is not
 # finite in float32 (1e-45 is a subnormal) and the scores would be inf or NaN.
@@ -43,16 +43,21 @@ def attention_pool(x, queries, *, lengths=None, segment_ids=None, num_segments=N
     temperature: scalar (python number or array, differentiable), at least
       MIN_TEMPERATURE (the smallest normal float32) and small enough that
       queries / temperature stays finite; inf gives mean pooling.
-    implementation: "auto" (Pallas on TPU/GPU, XLA elsewhere), "xla",
-      "pallas_tpu" or "pallas_gpu".
+    implementation: "auto" (Pallas on TPU/GPU, XLA elsewhere; on GPU the Triton
+      kernel), "xla", "pallas_tpu", "pallas_gpu" (Pallas Triton) or
+      "mosaic_gpu" (Pallas Mosaic GPU, Hopper: bf16 x only, D a multiple of 64,
+      H <= 64, forward kernel only; see mosaic_gpu.py).
     interpret: run the Pallas kernel in interpret mode (CPU testing): True (for
-      pallas_tpu the TPU interpreter, pltpu.InterpretParams()), "hlo" (the generic
-      interpreter; use it inside shard_map over simulated devices), or an
-      InterpretParams object.
+      pallas_tpu the TPU interpreter, pltpu.InterpretParams(); for mosaic_gpu
+      the Mosaic GPU interpreter, JAX >= 0.12 only), "hlo" (the generic
+      interpreter; use it inside shard_map over simulated devices; not for
+      mosaic_gpu), or an InterpretParams object.
     block_l: rows of x per kernel step, a positive int; default picked per shape
       and backend. pallas_gpu: a power of two >= 16; pallas_tpu: a multiple of
-      128. Ignored by "xla".
+      128; mosaic_gpu: 64 only. Ignored by "xla".
     backward: "kernel" (Pallas backward) or "xla" (autodiff of the reference).
+      mosaic_gpu has no backward kernel: its gradient is always the XLA
+      autodiff backward (both values mean that).
 
   Returns:
     (B, H, Dv) without segment_ids, (B, S, H, Dv) with them; dtype of x.
@@ -99,6 +104,14 @@ def attention_pool(x, queries, *, lengths=None, segment_ids=None, num_segments=N
 def _pool_fn(impl, interpret, block_l, backward):
   if impl == "xla":
     return lambda x, q, s, e: reference.pool_ranges(x, q, s, e)[0]
+  if backward not in ("kernel", "xla"):
+    raise ValueError(f"backward must be 'kernel' or 'xla', got {backward!r}")
+  if impl == "mosaic_gpu":   # forward kernel; the backward is XLA autodiff
+    from . import mosaic_gpu
+    fwd = functools.partial(mosaic_gpu.forward, block_l=block_l, interpret=interpret)
+    if isinstance(interpret, bool):
+      return vjp.make_pool(fwd, vjp.reference_backward)
+    return vjp.make_pool.__wrapped__(fwd, vjp.reference_backward)
   if impl == "pallas_tpu":
     from . import pallas_tpu as mod
   else:
@@ -158,6 +171,11 @@ def _resolve(implementation, x, queries, num_segments, segment_ids, block_l):
                     f"H={queries.shape[0]} ({x.dtype}) fits the register / shared-memory budgets; "
                     "using the XLA path", stacklevel=3)
       implementation = "xla"
+  if implementation == "mosaic_gpu":   # bf16 only, its own shape limits
+    from . import mosaic_gpu
+    if block_l is not None:
+      _check_block(implementation, block_l)
+    mosaic_gpu.config(x.shape[2], queries.shape[0], x.dtype)
   if implementation != "xla":
     if x.dtype not in KERNEL_DTYPES:
       raise TypeError(f"{implementation} supports x of dtype float32 or bfloat16, "
@@ -197,6 +215,9 @@ def _tpu_vmem(x, queries, num_segments, segment_ids, block_l):
 
 
 def _check_block(impl, block_l):
+  if impl == "mosaic_gpu" and block_l != 64:
+    raise ValueError(f"block_l for mosaic_gpu must be 64 (the wgmma M dimension), "
+                     f"got {block_l}")
   if impl == "pallas_gpu" and (block_l < 16 or block_l & (block_l - 1)):
     raise ValueError(f"block_l for pallas_gpu must be a power of two >= 16 (Triton "
                      f"tiles), got {block_l}")
