@@ -155,11 +155,20 @@ def evaluate(variant: Variant, source) -> dict:
 
 
 def map_rows(variant: Variant, fn, source, params=None) -> np.ndarray:
-    """fn(params, batch, rng) over every batch of an in-order source, concatenated and cut to its real
-    rows (the padding of the last batch dropped)."""
-    outs = variant.trainer.map_batches(fn, variant.params if params is None else params, source,
-                                       source.num_batches)
-    return np.concatenate(outs)[:source.num_rows]
+    """fn(params, batch, rng) over every batch of an evaluation source, concatenated and cut to its real
+    rows (the padding of the last batch dropped), in row order (a source that visits the rows in another
+    order, e.g. jaxemb.data.sources.BucketSource, says which with `row_order`)."""
+    return batch_rows(variant.trainer, fn, variant.params if params is None else params, source)
+
+
+def batch_rows(trainer, fn, params, source) -> np.ndarray:
+    """map_rows with a trainer (e.g. inside an eval_fn)."""
+    out = np.concatenate(trainer.map_batches(fn, params, source, source.num_batches))[:source.num_rows]
+    if hasattr(source, "row_order"):
+        ordered = np.empty_like(out)
+        ordered[source.row_order(0)] = out
+        out = ordered
+    return out
 
 
 # -- results -------------------------------------------------------------------------------------------------

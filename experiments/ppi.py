@@ -4,6 +4,7 @@
     python -m experiments.ppi --checkpoint facebook/esm2_t6_8M_UR50D     # a real PLM (local dir or hub name)
     python -m experiments.ppi --checkpoint Rostlab/prot_t5_xl_uniref50   # ProtT5 / Ankh: their own tokenizer
     python -m experiments.ppi --data my.csv data.split=        # any PPB-Affinity-format CSV, split computed here
+    python -m experiments.ppi --data proteinea/ppb_affinity    # the paper's data and split (needs `datasets`)
     python -m experiments.ppi study.variants=convbert:hp,finetune:pad train.steps=600
 
 Steps: read the CSV (jaxemb.data.ppi), split by the PDB folds (or mutant/PDB groups), lay out the tokens;
@@ -27,7 +28,7 @@ from experiments import harness
 from experiments.configs.ppi import get_config
 from jaxemb import metrics
 from jaxemb.data import ppi as data
-from jaxemb.data.sources import ArraySource
+from jaxemb.data.sources import ArraySource, BucketSource
 from jaxemb.models import mlm
 from jaxemb.models import plm, ppi
 from jaxemb.models.esm2 import Esm2Config
@@ -44,7 +45,11 @@ OPTIONS = {"--checkpoint": ("encoder.checkpoint", "HF ESM2 / ProtT5 / Ankh check
 
 def load(cfg):
     """(dataset, split indices, derived counts)."""
-    d = data.read_affinity_csv(cfg.data.source, target=cfg.data.target)
+    hub_split = None
+    if data.is_hub_name(cfg.data.source):  # e.g. proteinea/ppb_affinity: the dataset's own split
+        d, hub_split = data.read_affinity_hub(cfg.data.source, target=cfg.data.target)
+    else:
+        d = data.read_affinity_csv(cfg.data.source, target=cfg.data.target)
     if cfg.data.limit:  # a few complexes of many PDB ids (tests, quick looks): round-robin over the ids
         rank, seen = [], {}
         for i, p in enumerate(d.pdbs):
@@ -52,7 +57,9 @@ def load(cfg):
             seen[p] = seen.get(p, 0) + 1
         rows = sorted(i for _, i in sorted(rank)[:cfg.data.limit])
         d = data.Dataset([d.complexes[i] for i in rows], d.target, d.duplicates)
-    if cfg.data.split:
+    if hub_split is not None and not cfg.data.limit:
+        split = hub_split
+    elif cfg.data.split:
         split = data.cv5_split(d, cfg.data.split, cfg.data.fold, cfg.data.val_fraction, cfg.seed) \
             if not cfg.data.limit else data.grouped_split(data.groups(d), 0.25, 0.25, cfg.seed)
     else:
@@ -61,7 +68,9 @@ def load(cfg):
         if len(idx) < 4:
             raise ValueError(f"the {name} split has {len(idx)} complexes; need at least 4 (more data, or "
                              "other data.val_fraction / data.test_fraction)")
-    derived = {"complexes": len(d), "duplicates_dropped": d.duplicates, "pdb_ids": len(set(d.pdbs)),
+    how = ("the dataset's own" if hub_split is not None and not cfg.data.limit else
+           f"PDB fold {cfg.data.fold}" if cfg.data.split and not cfg.data.limit else "PDB / mutant groups")
+    derived = {"complexes": len(d), "duplicates_dropped": d.duplicates, "pdb_ids": len(set(d.pdbs)), "split": how,
                **{f"{k}_complexes": len(v) for k, v in split.items()}}
     return d, split, derived
 
@@ -72,7 +81,7 @@ def pretrain_encoder(cfg, d, split, workdir):
     path = os.path.join(workdir, "encoder")
     e = cfg.encoder
     if e.checkpoint:
-        bb, params = plm.from_checkpoint(e.checkpoint, e.tokenizer_style)
+        bb, params = plm.from_checkpoint(e.checkpoint, e.tokenizer_style, attention_chunk=e.attention_chunk)
         tag = hashlib.sha256(os.path.abspath(e.checkpoint).encode()).hexdigest()[:8]
         path = os.path.join(workdir, f"encoder-{tag}")
         if not os.path.exists(path):
@@ -81,7 +90,7 @@ def pretrain_encoder(cfg, d, split, workdir):
     from jaxemb.data import proteins
     enc_cfg = Esm2Config(vocab_size=len(proteins.ALPHABET), d_model=e.d_model, num_layers=e.num_layers,
                          num_heads=e.num_heads, mlp_dim=e.mlp_dim, token_dropout=False,
-                         mask_token_id=proteins.MASK, pad_token_id=proteins.PAD)
+                         mask_token_id=proteins.MASK, pad_token_id=proteins.PAD, attention_chunk=e.attention_chunk)
     if os.path.exists(path):
         return plm.esm2_backbone(enc_cfg), path
     records = [(d.complexes[i].pdb, s) for i in split["train"] for s in d.complexes[i].ligands + d.complexes[i].receptors]
@@ -140,10 +149,16 @@ def run_variant(cfg, name, mode, kind, seed, bb, enc_path, lay, d, split, workdi
     task = ppi.PPITask(head, bb, mode, features, enc_path if mode == "finetune" else None,
                        (float(y[tr].mean()), float(y[tr].std())),
                        lora_rank=cfg.finetune.lora_rank if mode == "finetune" else 0, lora_alpha=cfg.finetune.lora_alpha)
-    take = lambda idx: {k: v[idx] for k, v in arrays.items()}
     b = cfg.train.batch_size
-    train = ArraySource(take(tr), b, seed=seed, shuffle=True, drop_last=True, what="training complexes")
-    valid, test = ArraySource(take(split["val"]), b), ArraySource(take(split["test"]), b)
+    spec = ppi.bucket_spec(arrays, kind, mode) if cfg.data.bucket_quantum else None
+
+    def source(idx, **kw):
+        rows = {k: v[idx] for k, v in arrays.items()}
+        if spec is None:
+            return ArraySource(rows, b, **kw)
+        return BucketSource(rows, spec[1][idx], b, spec[0], quantum=cfg.data.bucket_quantum, **kw)
+    train = source(tr, seed=seed, shuffle=True, drop_last=True, what="training complexes")
+    valid, test = source(split["val"]), source(split["test"])
     settings = {"train.eval_batches": valid.num_batches}  # the whole validation split
     if mode == "finetune":
         settings.update({"optim.lr": cfg.finetune.lr, "optim.end_lr": cfg.finetune.lr / 10})
@@ -153,8 +168,8 @@ def run_variant(cfg, name, mode, kind, seed, bb, enc_path, lay, d, split, workdi
     c.seed = seed
 
     def val_spearman(trainer, state):
-        pred = np.concatenate(trainer.map_batches(task.predict, state["params"], valid, valid.num_batches))
-        return {"spearman": metrics.spearman(y[split["val"]], pred[:valid.num_rows])}
+        pred = harness.batch_rows(trainer, task.predict, state["params"], valid)
+        return {"spearman": metrics.spearman(y[split["val"]], pred)}
 
     v = harness.train_variant(name, task, c, workdir, train, valid, eval_fn=val_spearman,
                               desc=f"{mode} {kind.upper()} (seed {seed})")

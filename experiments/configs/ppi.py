@@ -15,10 +15,12 @@ def get_config(name: str = "default") -> ml_collections.ConfigDict:
     c = core_config()
     # split: a cv5_pdb_split.json (the dataset authors' PDB folds) or "" for PDB/mutant groups computed here
     c.data = dict(source=os.path.join(PPI, "skempi_multichain.csv"), split=os.path.join(PPI, "cv5_pdb_split.json"),
-                  fold=0, val_fraction=0.1, test_fraction=0.2, target="abs_log10", limit=0)
+                  fold=0, val_fraction=0.1, test_fraction=0.2, target="abs_log10", limit=0,
+                  bucket_quantum=16)  # fine-tuning batches cut to widths 16 x {1, 1.5, 2, 3, ...}; 0: full width
     c.layout = dict(max_chain=66, max_side=160, max_joint=256)
     # the encoder: a local HF ESM2 checkpoint (or hub name), or "" to pretrain this small ESM2 by MLM here
-    c.encoder = dict(checkpoint="", tokenizer_style="auto", d_model=64, num_layers=4, num_heads=4, mlp_dim=256, feature_dtype="float32")
+    c.encoder = dict(checkpoint="", tokenizer_style="auto", d_model=64, num_layers=4, num_heads=4, mlp_dim=256, feature_dtype="float32",
+                     attention_chunk=0)  # queries per attention chunk (O(chunk x L) memory); 0: whole length
     c.mlm = dict(steps=400, batch_size=32, seq_len=128, lr=2e-3, valid_fraction=0.1)
     c.head = dict(convbert_dropout=0.2, convbert_attn_dropout=0.1, concat_first=True, cross_heads=8,
                   implementation="auto")
@@ -42,7 +44,8 @@ def get_config(name: str = "default") -> ml_collections.ConfigDict:
         # clip 1.0, best validation Spearman; max length 2000; bf16 for fine-tuning. Steps: 30 epochs of the
         # training split at batch 32 (set train.steps to len(train) * 30 // 32 for another dataset).
         c.layout.update(max_chain=2000, max_side=2000, max_joint=2000)
-        c.encoder.update(checkpoint="facebook/esm2_t33_650M_UR50D", feature_dtype="bfloat16")
+        c.encoder.update(checkpoint="facebook/esm2_t33_650M_UR50D", feature_dtype="bfloat16", attention_chunk=256)
+        c.data.update(bucket_quantum=64)  # widths 64 ... 1536, 2000: a dozen compiled shapes
         c.train.update(steps=30 * 4300 // 32, batch_size=32, eval_every=4300 // 32, checkpoint_every=4300 // 32,
                        compute_dtype="float32")
         c.optim.update(lr=5e-4, end_lr=0.0, warmup_steps=1000, clip_norm=1.0, schedule="linear")

@@ -26,6 +26,8 @@ import csv
 import dataclasses
 import json
 import math
+import os
+import re
 
 import numpy as np
 
@@ -98,45 +100,87 @@ def _number(cell: str, where: str) -> float:
 
 def read_affinity_csv(path: str, target: str = "abs_log10", duplicates: str = "drop") -> Dataset:
     """Complexes from a PPB-Affinity-format CSV (see the module docstring for the columns and policies)."""
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        return _read_rows(enumerate(reader, 2), reader.fieldnames or [], lambda line: f"{path}, line {line}",
+                          path, target, duplicates)[0]
+
+
+HUB_CONFIG = "filtered"  # the configuration ppiseq trains on
+
+
+def is_hub_name(source: str) -> bool:
+    """True for `owner/name` or `owner/name:config` that is not a local path (a hub dataset)."""
+    return (re.fullmatch(r"[\w.-]+/[\w.-]+(:[\w.-]+)?", source or "") is not None and not os.path.exists(source)
+            and not source.endswith(".csv"))
+
+
+def read_affinity_hub(name: str, target: str = "abs_log10", duplicates: str = "drop",
+                      load_dataset=None) -> tuple[Dataset, dict]:
+    """(dataset, its own split) from a hub dataset in the PPB-Affinity format, e.g. `proteinea/ppb_affinity`
+    (configuration `filtered`, as ppiseq; `proteinea/ppb_affinity:raw` picks another): its train, validation
+    and test splits become {'train', 'val', 'test'} row indices. Needs the optional `datasets` library and a
+    network (or its cache); the same checks as read_affinity_csv, with `split row i` in place of CSV lines."""
+    if load_dataset is None:
+        try:
+            from datasets import load_dataset
+        except ImportError:
+            raise ImportError(f"reading the hub dataset {name!r} needs the `datasets` library "
+                              "(pip install datasets); or pass a local CSV with --data") from None
+    repo, _, config = name.partition(":")
+    parts = load_dataset(repo, config or HUB_CONFIG, split=["train", "validation", "test"], trust_remote_code=True)
+    rows, header, owner = [], None, []
+    for part, ds in zip(("train", "val", "test"), parts):
+        header = header or list(ds.column_names)
+        for i, row in enumerate(ds):
+            rows.append(((part, i), row))
+    where = lambda key: f"{name}, {key[0]} row {key[1]}"
+    data, kept = _read_rows(rows, header or [], where, name, target, duplicates)
+    owner = [key[0] for key in kept]
+    split = {part: np.array([k for k, o in enumerate(owner) if o == part], np.int64) for part in ("train", "val", "test")}
+    return data, split
+
+
+def _read_rows(rows, header, where, name, target, duplicates) -> tuple[Dataset, list]:
+    """(Dataset, the key of each kept row) from (key, row dict) pairs; `where(key)` names a row in errors."""
     if target not in TARGETS:
         raise ValueError(f"target={target!r}; expected one of {TARGETS}")
     if duplicates not in ("drop", "error"):
         raise ValueError(f"duplicates={duplicates!r}; expected 'drop' or 'error'")
-    out, seen, dropped = [], {}, 0
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        header = reader.fieldnames or []
-        for col in (PDB, LIGANDS, RECEPTORS):
-            if col not in header:
-                raise ValueError(f"{path}: no column {col!r} (it has {header[:8]}); expected "
-                                 f"{[PDB, LIGANDS, RECEPTORS]} and {KD!r} and/or {PKD!r}")
-        if KD not in header and PKD not in header:
-            raise ValueError(f"{path}: neither {KD!r} nor {PKD!r} is a column (it has {header[:8]})")
-        for line, row in enumerate(reader, 2):
-            pdb = (row.get(PDB) or "").strip()
-            if not pdb:
-                raise ValueError(f"{path}, line {line}, column {PDB!r}: empty PDB id")
-            lig = _chains(row.get(LIGANDS), f"{path}, line {line}, column {LIGANDS!r}")
-            rec = _chains(row.get(RECEPTORS), f"{path}, line {line}, column {RECEPTORS!r}")
-            if (row.get(KD) or "").strip():
-                kd = _number(row[KD].strip(), f"{path}, line {line}, column {KD!r}")
-                if kd <= 0:
-                    raise ValueError(f"{path}, line {line}, column {KD!r}: KD={kd} must be > 0 (molar)")
-            elif (row.get(PKD) or "").strip():
-                kd = 10.0 ** -_number(row[PKD].strip(), f"{path}, line {line}, column {PKD!r}")
-            else:
-                raise ValueError(f"{path}, line {line}: no affinity (both {KD!r} and {PKD!r} are empty)")
-            key = (pdb, lig, rec, kd)
-            if key in seen:
-                if duplicates == "error":
-                    raise ValueError(f"{path}, line {line} duplicates line {seen[key]} (same PDB, chains, KD)")
-                dropped += 1
-                continue
-            seen[key] = line
-            out.append(Complex(pdb, lig, rec, kd, float(kd_target(kd, target)), line))
+    for col in (PDB, LIGANDS, RECEPTORS):
+        if col not in header:
+            raise ValueError(f"{name}: no column {col!r} (it has {header[:8]}); expected "
+                             f"{[PDB, LIGANDS, RECEPTORS]} and {KD!r} and/or {PKD!r}")
+    if KD not in header and PKD not in header:
+        raise ValueError(f"{name}: neither {KD!r} nor {PKD!r} is a column (it has {header[:8]})")
+    out, keys, seen, dropped = [], [], {}, 0
+    cell = lambda row, col: "" if row.get(col) is None else str(row[col]).strip()
+    for n, (key, row) in enumerate(rows):
+        pdb = cell(row, PDB)
+        if not pdb:
+            raise ValueError(f"{where(key)}, column {PDB!r}: empty PDB id")
+        lig = _chains(cell(row, LIGANDS), f"{where(key)}, column {LIGANDS!r}")
+        rec = _chains(cell(row, RECEPTORS), f"{where(key)}, column {RECEPTORS!r}")
+        if cell(row, KD):
+            kd = _number(cell(row, KD), f"{where(key)}, column {KD!r}")
+            if kd <= 0:
+                raise ValueError(f"{where(key)}, column {KD!r}: KD={kd} must be > 0 (molar)")
+        elif cell(row, PKD):
+            kd = 10.0 ** -_number(cell(row, PKD), f"{where(key)}, column {PKD!r}")
+        else:
+            raise ValueError(f"{where(key)}: no affinity (both {KD!r} and {PKD!r} are empty)")
+        dup = (pdb, lig, rec, kd)
+        if dup in seen:
+            if duplicates == "error":
+                raise ValueError(f"{where(key)} duplicates {where(seen[dup])} (same PDB, chains, KD)")
+            dropped += 1
+            continue
+        seen[dup] = key
+        out.append(Complex(pdb, lig, rec, kd, float(kd_target(kd, target)), key if isinstance(key, int) else n))
+        keys.append(key)
     if not out:
-        raise ValueError(f"{path}: no data rows")
-    return Dataset(out, target, dropped)
+        raise ValueError(f"{name}: no data rows")
+    return Dataset(out, target, dropped), keys
 
 
 # ---------------------------------------------------------------- leak-free splits
@@ -243,22 +287,6 @@ def grouped_split(group_ids, test_fraction: float = 0.2, val_fraction: float = 0
     rest, test = _carve(idx, group_ids, test_fraction, seed)
     train, val = _carve(rest, group_ids, val_fraction / max(1e-12, 1 - test_fraction), seed + 1)
     return {k: np.array(v, np.int64) for k, v in (("train", train), ("val", val), ("test", test))}
-
-
-# ---------------------------------------------------------------- batching and tokens
-
-
-def bucket_batches(lengths, batch_size: int, seed: int | None = 0) -> list[np.ndarray]:
-    """Row indices grouped into batches of similar length (sorted by length, cut into `batch_size`
-    chunks; the chunk order shuffled with `seed`, or kept shortest-first when seed is None)."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size}; expected >= 1")
-    order = np.argsort(np.asarray(lengths), kind="stable")
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    if seed is not None:
-        perm = np.random.default_rng(seed).permutation(len(batches))
-        batches = [batches[i] for i in perm]
-    return batches
 
 
 # ---------------------------------------------------------------- no-PLM baseline
@@ -427,7 +455,8 @@ def layouts(complexes, layout: Layout = Layout(), vocab: Vocab = ESM) -> dict:
     width = lambda rs: max(len(r) for r in rs)
     out = {}
     for name, rs in (("lig", lig), ("rec", rec), ("sc", sc), ("chain_tokens", rows), ("packed", packed)):
-        out[name], out[name + "_len"] = _pad_rows(rs, width(rs), vocab.pad)
+        w = width(lig + rec) if name in ("lig", "rec") else width(rs)  # the sides share one width (one encoder call)
+        out[name], out[name + "_len"] = _pad_rows(rs, w, vocab.pad)
     out["packed_seg"] = _pad_rows(seg, out["packed"].shape[1], 0)[0]
     del out["packed_len"]
     cmax = int((n_lig + n_rec).max())

@@ -53,12 +53,7 @@ class ArraySource:
         idx = self.order(epoch)[i * self.batch_size:(i + 1) * self.batch_size]
         batch = {k: v[idx] for k, v in self.arrays.items()}
         batch = self.make(batch) if self.make is not None else batch
-        if "weights" not in batch:
-            batch["weights"] = np.ones(len(idx), np.float32)
-        pad = self.batch_size - len(idx)
-        if pad:
-            batch = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)]) for k, v in batch.items()}
-        return {k: v[rows] for k, v in batch.items()}
+        return _filled(batch, len(idx), self.batch_size, rows)
 
 
 class MappedSource:
@@ -71,3 +66,84 @@ class MappedSource:
 
     def get(self, index: int, rows: slice = slice(None)) -> dict:
         return self.fn(self.base.get(index, rows), index, np.arange(self.batch_size)[rows])
+
+
+def bucket_widths(full: int, quantum: int = 16) -> np.ndarray:
+    """The widths a bucketed batch is cut to: quantum x {1, 1.5, 2, 3, 4, 6, ...} (rounded up to a multiple
+    of `quantum`) below `full`, then `full` itself: about two compiled shapes per doubling of length."""
+    if full < 1 or quantum < 1:
+        raise ValueError(f"bucket widths need full >= 1 and quantum >= 1, got full={full}, quantum={quantum}")
+    out, w = [], quantum
+    while w < full:
+        out += [w, -(-w * 3 // 2 // quantum) * quantum]
+        w *= 2
+    return np.unique(np.minimum([*out, full], full))
+
+
+class BucketSource:
+    """Batches of rows of similar length, each batch cut to the narrowest bucket width that holds it.
+
+    Same contract as ArraySource, plus: `lengths` (N,) is each row's length along axis 1 of the arrays named
+    in `cut` (the rest are per-row values); a batch's `cut` arrays are sliced to bucket_widths(...) >= its
+    longest row, so a jitted step compiles once per width used. Each pass visits the rows sorted by length
+    (ties in the epoch's random order), cut into batches whose order is shuffled per epoch when `shuffle`;
+    with `drop_last`, the n % batch_size rows left out are random each epoch. `row_order(epoch)` is the row
+    at each position of that pass, so per-row outputs of an evaluation pass map back with
+    `out[row_order(0)] = outputs` (experiments.harness.map_rows does it).
+    """
+
+    def __init__(self, arrays: dict, lengths, batch_size: int, cut, *, seed: int = 0, shuffle: bool = False,
+                 drop_last: bool = False, quantum: int = 16, what: str = "rows"):
+        self.base = ArraySource(arrays, batch_size, seed=seed, shuffle=shuffle, drop_last=drop_last, what=what)
+        self.lengths = np.asarray(lengths)
+        n = self.base.num_rows
+        if self.lengths.shape != (n,):
+            raise ValueError(f"lengths has shape {self.lengths.shape}; expected ({n},), one per row")
+        missing = [k for k in cut if k not in arrays or np.ndim(arrays[k]) < 2]
+        if missing or not cut:
+            raise ValueError(f"cut={list(cut)}: each must name an array of the source with a length axis 1; "
+                             f"bad: {missing or 'none given'}")
+        full = {int(arrays[k].shape[1]) for k in cut}
+        if len(full) != 1:
+            raise ValueError(f"the cut arrays {list(cut)} have widths {sorted(full)}; expected one width")
+        self.full = full.pop()
+        if self.lengths.min() < 0 or self.lengths.max() > self.full:
+            raise ValueError(f"lengths span [{self.lengths.min()}, {self.lengths.max()}]; expected [0, {self.full}]")
+        self.cut, self.widths = tuple(cut), bucket_widths(self.full, quantum)
+        self.batch_size, self.num_rows, self.num_batches = self.base.batch_size, n, self.base.num_batches
+        self.seed, self.shuffle, self._plan = seed, shuffle, (None, None)
+
+    def _batches(self, epoch: int):
+        """(row order of the pass, batch visiting order) for an epoch."""
+        if self._plan[0] != epoch:
+            order = self.base.order(epoch)[:self.num_batches * self.batch_size]  # drop_last: random rows out
+            order = order[np.argsort(self.lengths[order], kind="stable")]
+            visit = np.arange(self.num_batches)
+            if self.shuffle:
+                visit = np.random.default_rng([self.seed, epoch, 1]).permutation(self.num_batches)
+            self._plan = (epoch, (order, visit))
+        return self._plan[1]
+
+    def row_order(self, epoch: int = 0) -> np.ndarray:
+        """The rows in the order one pass's batches hold them (batch 0's rows first)."""
+        order, visit = self._batches(epoch)
+        b = self.batch_size
+        return np.concatenate([order[i * b:(i + 1) * b] for i in visit])
+
+    def get(self, index: int, rows: slice = slice(None)) -> dict:
+        epoch, i = divmod(index, self.num_batches)
+        order, visit = self._batches(epoch)
+        idx = order[visit[i] * self.batch_size:(visit[i] + 1) * self.batch_size]
+        width = int(self.widths[np.searchsorted(self.widths, max(1, int(self.lengths[idx].max())))])
+        batch = {k: v[idx][:, :width] if k in self.cut else v[idx] for k, v in self.base.arrays.items()}
+        return _filled(batch, len(idx), self.batch_size, rows)
+
+
+def _filled(batch: dict, n: int, batch_size: int, rows: slice) -> dict:
+    """A batch of n real rows with `weights` (1 unless given), zero rows of weight 0 up to batch_size, then
+    this process's `rows`."""
+    if "weights" not in batch:
+        batch["weights"] = np.ones(n, np.float32)
+    if batch_size - n:
+        batch = {k: np.concatenate([v, np.zeros((batch_size - n,) + v.shape[1:], v.dtype)]) for k, v in batch.items()}
+    return {k: v[rows] for k, v in batch.items()}

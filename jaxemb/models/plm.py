@@ -59,8 +59,9 @@ def resolve(path: str) -> str:
     return path
 
 
-def from_checkpoint(path: str, style: str = "auto"):
-    """(Backbone, params boxed with logical axis names) from a HF checkpoint directory or hub name."""
+def from_checkpoint(path: str, style: str = "auto", **overrides):
+    """(Backbone, params boxed with logical axis names) from a HF checkpoint directory or hub name.
+    `overrides` replace fields of the model config that do not change the weights (e.g. attention_chunk)."""
     path = resolve(path)
     cfg_file = os.path.join(path, "config.json")
     if not os.path.exists(cfg_file):
@@ -70,11 +71,19 @@ def from_checkpoint(path: str, style: str = "auto"):
     if kind == "esm":
         from jaxemb.models.esm2 import load_pretrained
         cfg, params = load_pretrained(path)
-        return esm2_backbone(cfg), params
+        return esm2_backbone(_override(cfg, overrides, cfg_file)), params
     if kind in ("t5", "mt5"):
         from jaxemb.models.t5 import T5Tokenizer, load_pretrained
         if style == "auto":
             style = "ankh" if "ankh" in os.path.abspath(path).lower() else "prot_t5"
         cfg, params = load_pretrained(path)
-        return Backbone("t5", cfg, data.t5_vocab(T5Tokenizer(path, style))), params
+        return Backbone("t5", _override(cfg, overrides, cfg_file), data.t5_vocab(T5Tokenizer(path, style))), params
     raise ValueError(f"{cfg_file}: model_type={kind!r}; expected 'esm' (ESM2) or 't5' (ProtT5, Ankh)")
+
+
+def _override(cfg, overrides: dict, where: str):
+    fields = {f.name for f in dataclasses.fields(cfg)}
+    bad = sorted(set(overrides) - fields)
+    if bad:
+        raise ValueError(f"{where}: {bad} are not fields of {type(cfg).__name__}; expected some of {sorted(fields)}")
+    return dataclasses.replace(cfg, **overrides)

@@ -251,6 +251,18 @@ def batch_arrays(lay: dict, kind: str, mode: str) -> tuple[dict, dict]:
     return arrays, tables
 
 
+def bucket_spec(arrays: dict, kind: str, mode: str):
+    """(arrays to cut along length, each row's length) for a length-bucketed source of batch_arrays(...), or
+    None when the batch holds no tokens (frozen: row ids into the cached features)."""
+    if mode == "frozen":
+        return None
+    if kind in ("ec", "pad"):  # both sides go through one encoder call, so they share one width
+        return ("lig", "rec"), np.maximum(arrays["lig_len"], arrays["rec_len"])
+    if kind == "sc":
+        return ("sc",), arrays["sc_len"]
+    return ("packed", "packed_seg"), (arrays["packed_seg"] > 0).sum(1)
+
+
 def embed_tables(model, params, tables: dict, pad_id: int, batch_size: int = 64, dtype=np.float32,
                  progress=True) -> dict:
     """{name: (U, W, D) per-residue embeddings} of token tables (a backbone's ids, `pad_id` after each

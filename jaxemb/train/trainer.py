@@ -124,6 +124,7 @@ class Trainer:
                     lambda p, _: "train" if self._trainable(p) else "frozen", params))
         self.is_main = jax.process_index() == 0
         self._train_step = self._eval_step = None
+        self._mapped = {}  # fn -> jitted fn, for map_batches
         self.state_shardings = None
         self._constants = None  # placed on first use (Task.constants)
 
@@ -311,7 +312,9 @@ class Trainer:
     def map_batches(self, fn, params, source, num_batches: int, seed: int = 1) -> list:
         """Runs jit(fn)(params, batch, rng) over batches 0..num_batches-1 of `source` with the trainer's
         shardings; returns the host (numpy) outputs, one per batch. For probes and per-position metrics."""
-        jitted = jax.jit(self._with_constants(fn))
+        if fn not in self._mapped:  # one compilation per fn (and batch shape) for the trainer's life
+            self._mapped[fn] = jax.jit(self._with_constants(fn))
+        jitted = self._mapped[fn]
         rng = jax.random.key(self.cfg.seed + seed)
         constants = self.constants
         outs = []

@@ -1,4 +1,5 @@
 import collections
+import sys
 
 import numpy as np
 import pytest
@@ -75,7 +76,7 @@ def test_duplicates_dropped_and_counted_or_error(tmp_path):
     path = write(tmp_path, HEADER + "X1,AC,DE,1e-9,\nX1,AC,DE,1e-9,\nX1,AC,DE,2e-9,\nX1, AC ,DE,1e-9,\n")
     d = ppi.read_affinity_csv(path)
     assert (len(d), d.duplicates) == (2, 2) and [c.kd for c in d.complexes] == [1e-9, 2e-9]
-    with pytest.raises(ValueError, match="line 3 duplicates line 2"):
+    with pytest.raises(ValueError, match="line 3 duplicates .*, line 2 "):
         ppi.read_affinity_csv(path, duplicates="error")
 
 
@@ -120,12 +121,7 @@ def test_groups_link_point_mutants_only(tmp_path):
     assert g[0] == g[1] and len({g[0], g[2], g[3]}) == 3
 
 
-def test_bucket_batches_and_tokens_keep_eos():
-    lengths = np.random.default_rng(0).integers(5, 500, 37)
-    b = ppi.bucket_batches(lengths, 8, seed=1)
-    assert sorted(np.concatenate(b).tolist()) == list(range(37)) and [len(x) for x in b].count(8) == 4
-    spans = [np.ptp(lengths[x]) for x in ppi.bucket_batches(lengths, 8, seed=None)]
-    assert sum(spans) < np.ptp(lengths) * 1.5  # sorted chunks: similar lengths per batch
+def test_truncated_tokens_keep_eos():
     t = P.tokenize(["ACDEFGHIK", "AC"] * 2, max_length=6)
     assert t.ids.shape == (4, 6) and t.truncated == 2
     assert (t.ids[:, 0] == P.CLS).all() and t.ids[0, -1] == P.EOS and t.ids[1, 3] == P.EOS
@@ -202,3 +198,68 @@ def test_layouts_frame_every_chain_as_documented():
     assert lay["cut"] == {"side": 1, "sc": 1, "chain": 1, "packed": 1}
     with pytest.raises(ValueError, match="max_side=2"):
         ppi.layouts([c], ppi.Layout(max_side=2))
+
+
+class FakeHub:
+    """datasets.load_dataset for a PPB-Affinity-format hub dataset, offline: three splits of row dicts."""
+
+    def __init__(self, parts):
+        self.parts, self.calls = parts, []
+
+    def __call__(self, repo, config, split, trust_remote_code):
+        self.calls.append((repo, config, tuple(split)))
+        return [Part(self.parts[s]) for s in split]
+
+
+class Part(list):
+    @property
+    def column_names(self):
+        return list(self[0])
+
+
+def hub_rows(rng, n, pdb):
+    letters = list("ACDEFGHIKLMNPQRSTVWY")
+    seq = lambda: "".join(rng.choice(letters, int(rng.integers(5, 20))))
+    return [{"PDB": f"{pdb}{i % 3}", "Ligand Sequences": f"{seq()},{seq()}", "Receptor Sequences": seq(),
+             "KD(M)": float(10.0 ** -rng.uniform(5, 11))} for i in range(n)]
+
+
+def test_hub_dataset_rows_and_its_own_split():
+    rng = np.random.default_rng()
+    parts = {"train": hub_rows(rng, 9, "T"), "validation": hub_rows(rng, 4, "V"), "test": hub_rows(rng, 5, "S")}
+    parts["test"].append(dict(parts["test"][0]))  # an exact duplicate: dropped and counted
+    hub = FakeHub(parts)
+    assert ppi.is_hub_name("proteinea/ppb_affinity") and ppi.is_hub_name("proteinea/ppb_affinity:raw")
+    assert not ppi.is_hub_name("data/x.csv") and not ppi.is_hub_name("a/b.csv") and not ppi.is_hub_name("x.csv")
+    d, split = ppi.read_affinity_hub("proteinea/ppb_affinity", "pkd", load_dataset=hub)
+    assert hub.calls == [("proteinea/ppb_affinity", "filtered", ("train", "validation", "test"))]
+    assert (len(d), d.duplicates) == (18, 1) and [len(split[k]) for k in ("train", "val", "test")] == [9, 4, 5]
+    assert {d.pdbs[i][0] for i in split["val"]} == {"V"} and {d.pdbs[i][0] for i in split["test"]} == {"S"}
+    kd = np.array([r["KD(M)"] for r in parts["train"]])
+    np.testing.assert_allclose(d.y[split["train"]], -np.log10(kd))
+    assert d.complexes[0].ligands == tuple(parts["train"][0]["Ligand Sequences"].split(","))
+    ppi.read_affinity_hub("proteinea/ppb_affinity:raw", load_dataset=hub)
+    assert hub.calls[-1][1] == "raw"
+    parts["validation"][2]["KD(M)"] = -1.0
+    with pytest.raises(ValueError, match=r"proteinea/ppb_affinity, val row 2, column 'KD\(M\)': KD=-1.0"):
+        ppi.read_affinity_hub("proteinea/ppb_affinity", load_dataset=hub)
+
+
+def test_hub_dataset_without_the_datasets_library_is_one_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    with pytest.raises(ImportError, match="needs the `datasets` library"):
+        ppi.read_affinity_hub("proteinea/ppb_affinity")
+
+
+def test_the_study_reads_a_hub_name_through_datasets_with_its_split(monkeypatch):
+    import types
+    from experiments import ppi as study
+    from experiments.configs.ppi import get_config
+    rng = np.random.default_rng()
+    hub = FakeHub({"train": hub_rows(rng, 12, "T"), "validation": hub_rows(rng, 6, "V"), "test": hub_rows(rng, 6, "S")})
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=hub))
+    cfg = get_config("default")
+    cfg.data.source = "proteinea/ppb_affinity"
+    d, split, derived = study.load(cfg)
+    assert derived["split"] == "the dataset's own" and derived["test_complexes"] == 6 and len(d) == 24
+    assert hub.calls[0][0] == "proteinea/ppb_affinity"

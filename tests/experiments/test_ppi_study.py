@@ -9,7 +9,7 @@ from experiments import ppi as study
 from cli_check import assert_usage_error
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
-VARIANTS = "convbert:hp,convbert:pad,finetune:ec,finetune:sc,finetune:hp"
+VARIANTS = "convbert:hp,convbert:pad,finetune:sc,finetune:hp"  # EC: tests/models/test_ppi.py
 
 
 def test_tiny_study_trains_both_modes_writes_results_and_resumes(tmp_path, capsys):
@@ -20,7 +20,7 @@ def test_tiny_study_trains_both_modes_writes_results_and_resumes(tmp_path, capsy
     assert "convbert-HP" in out and "finetune-SC" in out and "composition" in out and "0.47 ESM2-650M" in out
     saved = json.load(open(wd / "results.json"))
     setups = [r["setup"] for r in saved["table"]]
-    assert setups == ["convbert-HP", "convbert-PAD", "finetune-EC", "finetune-SC", "finetune-HP", "composition"]
+    assert setups == ["convbert-HP", "convbert-PAD", "finetune-SC", "finetune-HP", "composition"]
     d = saved["derived"]
     assert d["train_complexes"] + d["val_complexes"] + d["test_complexes"] == d["complexes"] == 160
     for name, run in saved["runs"].items():
@@ -48,6 +48,7 @@ def test_paper_config_is_the_reference_recipe():
     assert c.optim.lr == 5e-4 and c.optim.warmup_steps == 1000 and c.optim.clip_norm == 1.0
     assert c.train.batch_size == 32 and c.layout.max_side == 2000 and c.study.seeds == 3
     assert c.train.best_metric == "spearman" and c.encoder.checkpoint == "facebook/esm2_t33_650M_UR50D"
+    assert c.encoder.attention_chunk == 256 and c.data.bucket_quantum == 64  # length 2000: memory and padding
     with pytest.raises(ValueError, match="unknown config 'big'"):
         get_config("big")
 

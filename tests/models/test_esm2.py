@@ -183,3 +183,19 @@ def test_bad_checkpoints_give_one_clear_error(tmp_path):
     _expect_error("not a directory", lambda: E.load_pretrained(str(tmp_path / "nope")))
     _expect_error("rope_inv_freq has 1 values; expected head_dim/2 = 4",
                   lambda: TransformerConfig(head_dim=8, rope_inv_freq=(1.0,)))
+
+
+@pytest.mark.requires_transformers
+def test_checkpoint_with_chunked_attention_gives_the_same_hidden_states(tmp_path):
+    """plm.from_checkpoint(..., attention_chunk=c) changes only how attention is computed."""
+    from jaxemb.models import plm
+    fx.tiny_esm("EsmModel", seed=3).save_pretrained(tmp_path)
+    whole, params = plm.from_checkpoint(str(tmp_path))
+    chunked, _ = plm.from_checkpoint(str(tmp_path), attention_chunk=3)
+    assert (whole.cfg.attention_chunk, chunked.cfg.attention_chunk) == (0, 3)
+    toks = proteins.tokenize(fx.SEQUENCES)
+    p = unbox(params)
+    h = lambda bb: np.asarray(plm.hidden(bb.model(), p, toks.ids, toks.attention_mask))
+    np.testing.assert_allclose(h(chunked), h(whole), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"\['attention_chunks'\] are not fields of Esm2Config"):
+        plm.from_checkpoint(str(tmp_path), attention_chunks=3)

@@ -322,3 +322,36 @@ def test_convbert_heads_keep_padding_and_packed_chains_apart():
     wide = dict(x, rec=garbage_pad(np.pad(x["rec"], ((0, 0), (0, 3), (0, 0))), x["rec_len"], np.nan))
     head, p = init("pad", x, cross_heads=2, convbert=True)
     np.testing.assert_allclose(run(head, p, wide), run(head, p, x), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["sc", "hp", "pad"])  # EC cuts the same arrays as PAD
+def test_length_bucketed_fine_tuning_batches_predict_what_full_width_batches_do(kind):
+    """Cutting a batch's tokens to its bucket width only drops padding: the same predictions, row by row."""
+    from jaxemb.data import ppi as data
+    from jaxemb.data import proteins
+    from jaxemb.data.sources import ArraySource, BucketSource
+    from jaxemb.models.esm2 import Esm2Config
+    from jaxemb.models.plm import esm2_backbone
+    rng = np.random.default_rng()
+    letters = list("ACDEFGHIKLMNPQRSTVWY")
+    comps = [data.Complex(f"P{i}", tuple("".join(rng.choice(letters, rng.integers(2, 30))) for _ in range(rng.integers(1, 3))),
+                          ("".join(rng.choice(letters, rng.integers(2, 12))),), 1e-9, 9.0, i + 2) for i in range(24)]
+    lay = data.layouts(comps, data.Layout(max_chain=40, max_side=80, max_joint=100))
+    arrays, _ = ppi.batch_arrays(lay, kind, "finetune")
+    arrays["y"] = np.zeros(24, np.float32)
+    enc = Esm2Config(vocab_size=len(proteins.ALPHABET), d_model=16, num_layers=1, num_heads=2, mlp_dim=32,
+                     token_dropout=False)
+    task = ppi.PPITask(ppi.HeadConfig(kind=kind, max_chains=3, cross_heads=2), esm2_backbone(enc), "finetune")
+    full = ArraySource(arrays, 8)
+    cut, lengths = ppi.bucket_spec(arrays, kind, "finetune")
+    bucketed = BucketSource(arrays, lengths, 8, cut, quantum=16)
+    import flax.linen as nn
+    params = nn.unbox(jax.jit(task.init)(jax.random.key(int(rng.integers(1 << 30))), full.get(0)))
+    predict = jax.jit(task.predict)
+    run = lambda src: np.concatenate([predict(params, src.get(i)) for i in range(src.num_batches)])[:24]
+    widths = {bucketed.get(i)[cut[0]].shape[1] for i in range(bucketed.num_batches)}
+    assert len(widths) > 1 and max(widths) <= arrays[cut[0]].shape[1]
+    out = np.empty(24, np.float32)
+    out[bucketed.row_order(0)] = run(bucketed)
+    np.testing.assert_allclose(out, run(full), rtol=2e-5, atol=2e-5)
+    assert ppi.bucket_spec(arrays, kind, "frozen") is None
