@@ -6,11 +6,11 @@
 
 Samples pretraining locations over the priced points' extent plus a margin (half uniform over land, half
 near GeoNames places drawn by population, none within pretrain.min_gap degrees of a priced point), cuts
-their views (hex map of places, population, airfields and land; raster tiles of land, Blue Marble and ETOPO),
-pretrains SpatialModel contrastively through the core (resumable in WORKDIR/spatial), embeds the priced
-points with the location encoder, then compares feature sets {covariates, + lon/lat, + embedding, + both,
-+ hand-made view features} in GLMs, a GAM and a GBM under random, spatial-block and north/south splits
-(experiments/spatial_downstream.py). Writes results.json, embedding_map.png and metrics.png into WORKDIR.
+their views (hex map of places, population, airfields and land; raster tiles of land, Blue Marble, ETOPO and
+elevation), pretrains SpatialModel contrastively through the core (resumable in WORKDIR/spatial), keeps the encoder of
+the eval step with the lowest held-out contrastive loss (WORKDIR/spatial/best), embeds the priced points
+with it, then compares feature sets {covariates, + lon/lat, + embedding, + both, + hand-made view features}
+in GLMs, a GAM and a GBM under random, spatial-block and north/south splits (experiments/spatial_downstream.py). Writes results.json, embedding_map.png and metrics.png into WORKDIR.
 """
 from __future__ import annotations
 
@@ -143,17 +143,29 @@ def pretraining_data(cfg, priced):
     return split(slice(n_valid, None)), split(slice(0, n_valid)), dict(info, pretrain_locations=len(locs))
 
 
+def kept_encoder(v, cfg):
+    """(params, kept) of the encoder the study uses: the best-eval state in WORKDIR/spatial/best when
+    train.best_metric is set and evals ran, else the last state. kept = {step, how, metric, value}."""
+    t = cfg.train
+    if t.best_metric and t.eval_every:
+        state, meta = v.trainer.restore_best(v.result.state)
+        return state["params"], {"step": int(meta["step"]), "how": f"best eval {meta['metric']} ({t.best_mode})",
+                                 "metric": meta["metric"], "value": float(meta["value"])}
+    return v.params, {"step": int(v.result.steps), "how": "last step", "metric": None, "value": None}
+
+
 # -- hand-made view features (the reference row) ----------------------------------------------------------
 
 
 def handmade_features(lonlat, cfg) -> np.ndarray:
     """Per point: the map view's disk mean and centre cell per channel, Blue Marble RGB and ETOPO colour
-    at the point (14 columns)."""
+    and the elevation in km at the point (15 columns)."""
     k = cfg.views.hex_radius
     m = views.map_view(lonlat, k, cfg.views.hex_spacing, cfg.pretrain.min_population)
     disk = m[:, views.hex_disk_mask(k)].mean(1)
     rasters = [views.sample_raster(views.basemap_raster(r), lonlat) / 255.0 for r in ("rgb", "etopo")]
-    return np.concatenate([disk, m[:, k, k], *rasters], 1).astype(np.float64)
+    km = views.elevation(lonlat)[:, None] / 1000
+    return np.concatenate([disk, m[:, k, k], *rasters, km], 1).astype(np.float64)
 
 
 # -- plots ------------------------------------------------------------------------------------------------
@@ -206,6 +218,12 @@ def metric_bars(path, rows, models):
 # -- study ------------------------------------------------------------------------------------------------
 
 
+def kept_line(kept) -> str:
+    if kept["metric"] is None:
+        return f"step {kept['step']} (the last)"
+    return f"step {kept['step']} (best eval {kept['metric']} {kept['value']:.4f})"
+
+
 def pivot(rows, metric):
     out = []
     for split in dict.fromkeys(r["split"] for r in rows):
@@ -248,8 +266,11 @@ def main(argv=None) -> dict:
                               ArraySource(train, b, seed=cfg.seed, shuffle=True, drop_last=True,
                                           what="pretraining locations"),
                               ArraySource(valid, min(b, len(valid["lonlat"]))) if cfg.train.eval_every else None)
-    ev = harness.evaluate(v, ArraySource(valid, b))
-    emb = task.embed(v.params, prices["lonlat"]).astype(np.float64)
+    params, kept = kept_encoder(v, cfg)
+    derived["kept"] = kept
+    held_out = ArraySource(valid, b)
+    ev = v.trainer.evaluate(params, held_out, held_out.num_batches)  # all held-out locations, kept encoder
+    emb = task.embed(params, prices["lonlat"]).astype(np.float64)
     ll, X = prices["lonlat"], prices["X"]
     feats = dict(zip(FEATURE_SETS, (X, np.c_[X, ll], np.c_[X, emb], np.c_[X, ll, emb],
                                     np.c_[X, handmade_features(ll, cfg)])))
@@ -260,16 +281,18 @@ def main(argv=None) -> dict:
     tables = {m: pivot(rows, m) for m in ("rmse", "r2", "gamma_deviance")}
     what = {"rmse": "RMSE of log target", "r2": "R^2 of log target", "gamma_deviance": "mean Gamma deviance"}
     for m, t in tables.items():
-        harness.print_table(t, f"{what[m]}, test folds ({d.target}; {len(prices['y'])} points)", width=11,
-                            fmt=".4f")
+        harness.print_table(t, f"{what[m]}, test folds ({d.target}; {len(prices['y'])} points; encoder of "
+                               f"{kept_line(kept)})", width=11, fmt=".4f")
     print(PAPER_NOTE)
-    print(f"pretraining: {derived['pretrain_locations']} locations, contrastive eval loss {ev['loss']:.3f}, "
-          f"retrieval accuracy {ev['accuracy']:.3f} (batch {b})")
+    print(f"pretraining: {derived['pretrain_locations']} locations, {v.result.steps} steps; {kept_line(kept)}; "
+          f"all held-out locations: contrastive loss {ev['loss']:.3f}, retrieval accuracy {ev['accuracy']:.3f} "
+          f"(batch {b}, chance loss {np.log(b):.3f})")
     region = region_of(ll, cfg.pretrain.margin)
-    embedding_map(os.path.join(args.workdir, "embedding_map.png"), task, v.params, region, dc.map_grid, ll)
+    embedding_map(os.path.join(args.workdir, "embedding_map.png"), task, params, region, dc.map_grid, ll)
     metric_bars(os.path.join(args.workdir, "metrics.png"), rows, models)
     derived["total_seconds"] = round(time.time() - t0, 1)
-    results = {"rows": rows, "tables": tables, "pretrain_eval": ev, "train_seconds": v.result.train_seconds,
+    results = {"rows": rows, "tables": tables, "pretrain_eval": ev, "kept": kept,
+               "train_seconds": v.result.train_seconds,
                "paper": PAPER_NOTE, "data": d.source, "region": region}
     results = harness.write_results(args.workdir, "results.json", results, cfg, derived)
     print(f"\nresults: {os.path.abspath(args.workdir)}  (results.json, embedding_map.png, metrics.png)")

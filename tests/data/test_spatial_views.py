@@ -115,3 +115,23 @@ def test_bad_input_names_the_argument_and_the_extra():
         D.image_view([[0.0, 0.0]], layers=("sat",))
     with pytest.raises(ValueError, match="min_population=123"):
         D.places(123)
+
+
+def test_elevation_at_known_places_oceans_at_sea_level_and_the_image_channel():
+    """pvlib's raster, rows north to south and columns west to east, read as (lon, lat): the oceans are 0,
+    the coast near sea level, Denver about 1600 m, the high Sierra Nevada and Tibet far higher."""
+    places = {"pacific": (-140.0, 30.0), "atlantic": (-30.0, 30.0), "san_francisco": (-122.42, 37.77),
+              "denver": (-104.99, 39.74), "sierra_nevada": (-118.29, 36.58), "tibet": (90.0, 32.0),
+              "dead_sea": (35.5, 31.5)}
+    e = dict(zip(places, D.elevation(list(places.values()))))
+    assert e["pacific"] == e["atlantic"] == 0
+    assert abs(e["san_francisco"]) < 100 and 1400 < e["denver"] < 1800
+    assert e["sierra_nevada"] > 2500 and e["tibet"] > 4000 and e["dead_sea"] < -100
+    raster = D.elevation_raster()
+    assert raster.shape == (2160, 4320) and raster.dtype == np.float32 and np.isfinite(raster).all()
+    assert -500 < raster.min() < 0 and 6000 < raster.max() < 7000
+    tiles = D.image_view([[-104.99, 39.74], [-140.0, 30.0]], size=4, deg_per_px=0.05,
+                         layers=("elevation", "elevation"))
+    assert tiles.shape == (2, 4, 4, 2) and tiles.dtype == np.float32
+    np.testing.assert_allclose(tiles[0, ..., 1].mean(), e["denver"] / D.ELEVATION_SCALE, rtol=0.15)
+    assert (tiles[1] == 0).all()

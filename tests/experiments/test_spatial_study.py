@@ -175,7 +175,7 @@ def test_pretraining_locations_half_on_land_half_near_places_none_at_priced_poin
 def small_views(monkeypatch):
     """Small stand-ins for the package rasters and point sets (the real ones are tested in
     tests/data/test_spatial_views.py and take seconds to load): land east of lon -122.5 on a 0.1 degree
-    raster, a smooth colour raster, 30 places and 10 airfields near the San Francisco Bay."""
+    raster (100 m high), a smooth colour raster, 30 places and 10 airfields near the San Francisco Bay."""
     from jaxemb.data import spatial as views
     lat = 90 - (np.arange(1800) + 0.5) / 10
     lon = -180 + (np.arange(3600) + 0.5) / 10
@@ -187,6 +187,7 @@ def small_views(monkeypatch):
     pop = rng.uniform(1e3, 1e5, 30)
     monkeypatch.setattr(views, "land_mask", lambda: land)
     monkeypatch.setattr(views, "basemap_raster", lambda name: colour)
+    monkeypatch.setattr(views, "elevation_raster", lambda: np.where(land, 100.0, 0.0).astype(np.float32))
     monkeypatch.setattr(views, "places", lambda min_population=15000: (pl, pop, ["p"] * 30))
     monkeypatch.setattr(views, "airfields", lambda: pl[:10] + 0.01)
 
@@ -202,7 +203,8 @@ def test_tiny_study_on_priced_points_writes_results_and_pngs(tmp_path, capsys, s
     wd = tmp_path / "run"
     argv = ["--config", "tiny", "--workdir", str(wd), "--prices", str(path), "--lon", "x", "--lat", "y",
             "--target", "price", "--covariates", "a,b", "train.progress=False", "pretrain.locations=160",
-            "downstream.models=glm_gaussian,gbm", "downstream.block_deg=0.25"]
+            "downstream.models=glm_gaussian,gbm", "downstream.block_deg=0.25",
+            "optim.lr=0.1"]  # this high rate makes step 3's eval loss beat the last step's (6)
     res = spatial.main(argv)
     out = capsys.readouterr().out
     assert "RMSE of log target" in out and "+embedding" in out and "n/a" in out and "2511.17954" in out
@@ -215,6 +217,17 @@ def test_tiny_study_on_priced_points_writes_results_and_pngs(tmp_path, capsys, s
     assert saved["derived"]["priced_points"] == n and saved["derived"]["pretrain_locations"] == 160
     assert saved["config"]["data"]["source"] == str(path) and saved["config"]["data"]["target"] == "price"
     assert len(saved["tables"]["rmse"]) == 6 and saved["tables"]["rmse"][0]["paper"] == "n/a"
+    # the study's encoder is the one of an eval step with the least eval loss (tiny: evals at steps 3 and 6)
+    from jaxemb.train.metrics import read_metrics
+    evals = read_metrics(str(wd / "spatial" / "metrics.jsonl"), "eval")
+    assert [r["step"] for r in evals] == [3, 6]
+    kept, best = saved["kept"], min(r["loss"] for r in evals)
+    assert kept["metric"] == "loss" and kept["step"] in [r["step"] for r in evals if r["loss"] == best]
+    assert kept["value"] == pytest.approx(best, rel=1e-6) and saved["derived"]["kept"] == kept
+    # the held-out set is one eval batch here, so the study's own eval of its encoder is the kept step's
+    assert saved["pretrain_eval"]["loss"] == pytest.approx(kept["value"], rel=1e-5)
+    assert f"step {kept['step']} (best eval loss {kept['value']:.4f})" in out
     for png in ("embedding_map.png", "metrics.png"):
         assert (wd / png).stat().st_size > 5000
-    assert spatial.main(argv)["rows"] == res["rows"]  # finished: restores the encoder, same study
+    again = spatial.main(argv)  # finished: restores the kept encoder, same study
+    assert again["rows"] == res["rows"] and again["kept"] == kept
