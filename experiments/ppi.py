@@ -57,19 +57,20 @@ def load(cfg):
             seen[p] = seen.get(p, 0) + 1
         rows = sorted(i for _, i in sorted(rank)[:cfg.data.limit])
         d = data.Dataset([d.complexes[i] for i in rows], d.target, d.duplicates)
+    how = "PDB / mutant groups"
     if hub_split is not None and not cfg.data.limit:
-        split = hub_split
-    elif cfg.data.split:
-        split = data.cv5_split(d, cfg.data.split, cfg.data.fold, cfg.data.val_fraction, cfg.seed) \
-            if not cfg.data.limit else data.grouped_split(data.groups(d), 0.25, 0.25, cfg.seed)
+        split, how = hub_split, "the dataset's own"
+    elif cfg.data.split and not cfg.data.limit:
+        split = data.cv5_split(d, cfg.data.split, cfg.data.fold, cfg.data.val_fraction, cfg.seed)
+        how = f"PDB fold {cfg.data.fold}"
+    elif cfg.data.split:  # a few complexes: too few for the folds, whole groups
+        split = data.grouped_split(data.groups(d), 0.25, 0.25, cfg.seed)
     else:
         split = data.grouped_split(data.groups(d), cfg.data.test_fraction, cfg.data.val_fraction, cfg.seed)
     for name, idx in split.items():
         if len(idx) < 4:
             raise ValueError(f"the {name} split has {len(idx)} complexes; need at least 4 (more data, or "
                              "other data.val_fraction / data.test_fraction)")
-    how = ("the dataset's own" if hub_split is not None and not cfg.data.limit else
-           f"PDB fold {cfg.data.fold}" if cfg.data.split and not cfg.data.limit else "PDB / mutant groups")
     derived = {"complexes": len(d), "duplicates_dropped": d.duplicates, "pdb_ids": len(set(d.pdbs)), "split": how,
                **{f"{k}_complexes": len(v) for k, v in split.items()}}
     return d, split, derived

@@ -7,10 +7,11 @@
 Samples pretraining locations over the priced points' extent plus a margin (half uniform over land, half
 near GeoNames places drawn by population, none within pretrain.min_gap degrees of a priced point), cuts
 their views (hex map of places, population, airfields and land; raster tiles of land, Blue Marble, ETOPO and
-elevation), pretrains SpatialModel contrastively through the core (resumable in WORKDIR/spatial), keeps the encoder of
-the eval step with the lowest held-out contrastive loss (WORKDIR/spatial/best), embeds the priced points
-with it, then compares feature sets {covariates, + lon/lat, + embedding, + both, + hand-made view features}
-in GLMs, a GAM and a GBM under random, spatial-block and north/south splits (experiments/spatial_downstream.py). Writes results.json, embedding_map.png and metrics.png into WORKDIR.
+elevation), pretrains SpatialModel contrastively through the core (resumable in WORKDIR/spatial), keeps
+the encoder of the eval step with the lowest held-out contrastive loss (WORKDIR/spatial/best), embeds the
+priced points with it, then compares feature sets {covariates, + lon/lat, + embedding, + both, + hand-made
+view features} in GLMs, a GAM and a GBM under random, spatial-block and north/south splits
+(experiments/spatial_downstream.py). Writes results.json, embedding_map.png and metrics.png into WORKDIR.
 """
 from __future__ import annotations
 

@@ -129,7 +129,7 @@ def read_affinity_hub(name: str, target: str = "abs_log10", duplicates: str = "d
                               "(pip install datasets); or pass a local CSV with --data") from None
     repo, _, config = name.partition(":")
     parts = load_dataset(repo, config or HUB_CONFIG, split=["train", "validation", "test"], trust_remote_code=True)
-    rows, header, owner = [], None, []
+    rows, header = [], None
     for part, ds in zip(("train", "val", "test"), parts):
         header = header or list(ds.column_names)
         for i, row in enumerate(ds):
@@ -137,7 +137,7 @@ def read_affinity_hub(name: str, target: str = "abs_log10", duplicates: str = "d
     where = lambda key: f"{name}, {key[0]} row {key[1]}"
     data, kept = _read_rows(rows, header or [], where, name, target, duplicates)
     owner = [key[0] for key in kept]
-    split = {part: np.array([k for k, o in enumerate(owner) if o == part], np.int64) for part in ("train", "val", "test")}
+    split = {part: np.flatnonzero(np.array(owner) == part).astype(np.int64) for part in ("train", "val", "test")}
     return data, split
 
 
